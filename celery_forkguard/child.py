@@ -1,0 +1,218 @@
+"""Everything a child does between ``fork()`` and ``os._exit()``.
+
+The child runs exactly one task.  Its set-up mirrors what Celery's prefork
+gives a pool process (``celery.concurrency.prefork.process_initializer``),
+made cheap enough to pay once per task: whatever can be computed once is
+computed in the master before the first fork (see ``prefork.TaskPool``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import stat
+import sys
+
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from billiard import util as billiard_util
+from celery import signals
+from celery._state import _set_task_join_will_block
+from celery.exceptions import SoftTimeLimitExceeded
+
+from celery_forkguard import intents, protocol, titles
+from celery_forkguard.exceptions import TermException
+
+if TYPE_CHECKING:
+    from celery_forkguard.jobs import Job
+
+#: Named exit codes: the child-to-master protocol when there is no report.
+EXIT_OK = 0
+EXIT_SETUP_FAILED = 70
+EXIT_CRASHED = 71
+EXIT_ORPHANED = 72
+
+#: The signal the master sends for a soft time limit (as billiard does).
+SOFT_TIMEOUT_SIGNAL = signal.SIGUSR1
+
+
+class ChildContext:
+    """What the master hands every child: fixed once per pool."""
+
+    def __init__(self, hostname: str, master_pid: int) -> None:
+        self.hostname = hostname
+        self.master_pid = master_pid
+
+
+def child_main(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> NoReturn:
+    """Run *job* in this freshly forked child and leave through ``os._exit``."""
+    code = EXIT_CRASHED
+    try:
+        code = _run(ctx, job, report_fd, saved_mask)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
+    except BaseException:
+        _print_exception()
+    finally:
+        _leave(ctx, code)
+
+
+def _run(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> int:
+    try:
+        prepare_child(ctx, job, report_fd, saved_mask)
+    except Exception as exc:
+        _report(report_fd, protocol.ERROR, _einfo(exc))
+        return EXIT_SETUP_FAILED
+    try:
+        outcome = job.target(*job.args, **job.kwargs)
+    except Exception as exc:
+        # The tracer itself failed (unknown task, undecodable body, ...).
+        _report(report_fd, protocol.ERROR, _einfo(exc))
+        return EXIT_OK
+    _report(report_fd, protocol.OUTCOME, outcome)
+    return EXIT_OK
+
+
+def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> None:
+    """Make this process a clean, independent home for one task."""
+    # Objects inherited from the master are never collected here: freezing
+    # them keeps the collector from writing to (and so copying) their pages.
+    gc.freeze()
+    os.setpgrp()
+    install_child_signals()
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+    _die_with_master(ctx)
+    detach_inherited_fds(keep={report_fd})
+    # kombu, Celery and the result backends drop inherited connections here.
+    billiard_util._run_after_forkers()
+    _set_task_join_will_block(True)
+    titles.set_child_title(ctx.hostname, job)
+    signals.worker_process_init.send(sender=ctx.hostname)
+
+
+def install_child_signals() -> None:
+    """Drop the master's handlers; install the ones a running task needs."""
+    signal.set_wakeup_fd(-1)
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if callable(handler):
+            signal.signal(signum, signal.SIG_DFL)
+    # The master decides about Ctrl-C; the task never sees it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_term)
+    signal.signal(SOFT_TIMEOUT_SIGNAL, _raise_soft_time_limit)
+
+
+def _raise_term(signum: int, frame: FrameType | None) -> None:
+    # Raise once: cleanup code in the task's except/finally is not interrupted again.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if intents.shared().get(os.getpid()) == intents.REVOKE:
+        # revoke(terminate=True): die of the signal, as a prefork child does,
+        # so Celery records the task as REVOKED rather than as a failure.
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise TermException(f"task interrupted by SIGTERM (worker pid {os.getppid()})")
+
+
+def _raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
+    raise SoftTimeLimitExceeded()
+
+
+def _die_with_master(ctx: ChildContext) -> None:
+    from celery import platforms
+
+    platforms.set_pdeathsig("SIGKILL")
+    # The master may have died before the line above took effect.
+    if os.getppid() != ctx.master_pid:
+        raise SystemExit(EXIT_ORPHANED)
+
+
+def detach_inherited_fds(keep: set[int]) -> None:
+    """Point every inherited socket, pipe and event fd at /dev/null.
+
+    The numbers stay taken, so a stale object of the master's (a broker
+    socket, the event loop's epoll) can neither talk on the master's stream
+    nor close an fd this child opens later.  Regular files, directories and
+    character devices (log files, ttys, /dev/urandom) are left alone.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _open_fds():
+            if fd < 3 or fd in keep or fd == devnull:
+                continue
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode):
+                continue
+            os.dup2(devnull, fd, inheritable=False)
+    finally:
+        os.close(devnull)
+
+
+def _open_fds() -> list[int]:
+    for path in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return sorted(int(name) for name in os.listdir(path))
+        except OSError:
+            continue
+    return list(range(3, 256))
+
+
+def _report(report_fd: int, kind: str, payload: Any) -> None:
+    data = memoryview(protocol.encode_report(kind, payload))
+    while data:
+        written = os.write(report_fd, data)
+        data = data[written:]
+
+
+def _einfo(exc: BaseException) -> Any:
+    from celery_forkguard.jobs import exception_info
+
+    return exception_info(exc)
+
+
+def _print_exception() -> None:
+    try:
+        import traceback
+
+        traceback.print_exc()
+    except BaseException:
+        pass
+
+
+def _leave(ctx: ChildContext, code: int) -> NoReturn:
+    """Run the shutdown hooks, flush, and exit without the master's finalizers."""
+    try:
+        signals.worker_process_shutdown.send(
+            sender=ctx.hostname, pid=os.getpid(), exitcode=code,
+        )
+    except BaseException:
+        _print_exception()
+    try:
+        _flush_output()
+    finally:
+        os._exit(code)
+
+
+def _flush_output() -> None:
+    for handler in list(logging._handlerList):  # type: ignore[attr-defined]
+        h = handler()
+        if h is not None:
+            try:
+                h.flush()
+            except Exception:
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+

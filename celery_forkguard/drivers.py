@@ -1,0 +1,196 @@
+"""What makes the supervisor go: Celery's event loop, or a thread of ours.
+
+On transports with an event loop (Redis, RabbitMQ) the worker's kombu hub
+watches the supervisor's selector as one fd and its nearest deadline as one
+timer, and every callback runs in the worker's main thread.  On transports
+without one (the filesystem transport, SQS, ...) Celery's consumer blocks in
+the main thread, so a thread of ours runs the supervisor, as billiard's
+result-handler thread does for prefork.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+from collections import deque
+from typing import Any, Callable
+
+from celery.utils.log import get_logger
+
+from celery_forkguard.jobs import Job
+from celery_forkguard.supervisor import Supervisor
+
+logger = get_logger(__name__)
+
+#: The longest a drain loop sleeps between two looks at the hub's timers.
+DRAIN_TICK = 0.5
+
+
+class HubDriver:
+    """Runs the supervisor from kombu's hub, in the worker's main thread."""
+
+    def __init__(self, supervisor: Supervisor, hub: Any) -> None:
+        self.supervisor = supervisor
+        self.hub = hub
+        self._timer: Any = None
+        self._armed_for: float | None = None
+        hub.add_reader(supervisor.fileno(), self._on_ready)
+
+    def submit(self, job: Job, block: bool = False) -> None:
+        self.supervisor.submit(job)
+        self._arm()
+
+    def call(self, fun: Callable[..., Any], *args: Any) -> None:
+        fun(*args)
+        self._arm()
+
+    def _on_ready(self) -> None:
+        self.supervisor.poll(0)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Keep one hub timer set for the supervisor's nearest deadline."""
+        deadline = self.supervisor.timers.next_deadline()
+        if deadline == self._armed_for:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed_for = deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - self.supervisor.clock())
+            self._timer = self.hub.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._armed_for = None
+        self._on_ready()
+
+    def drain(self) -> None:
+        """Wait for every child at shutdown, when the hub no longer runs.
+
+        The hub's timers (heartbeats) keep firing, and the ack/reject calls
+        Celery queued on it for finished tasks are run so nothing is lost.
+        """
+        try:
+            self.hub.remove_reader(self.supervisor.fileno())
+        except Exception:
+            pass
+        while self.supervisor.busy():
+            timeout = self.supervisor.next_timeout()
+            self.supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
+            self._service_hub()
+        self._service_hub()
+
+    def _service_hub(self) -> None:
+        try:
+            self.hub.fire_timers()
+        except Exception:
+            logger.warning("forkguard: hub timer failed during shutdown", exc_info=True)
+        run_queued_acks(self.hub)
+
+
+def run_queued_acks(hub: Any) -> None:
+    """Run the message ack/reject promises waiting on the hub; keep the rest."""
+    pop_ready = getattr(hub, "_pop_ready", None)
+    if pop_ready is not None:
+        ready = list(pop_ready())
+    else:
+        ready = list(getattr(hub, "_ready", ()))
+        hub._ready.clear()
+    for callback in ready:
+        if _is_message_settlement(callback):
+            try:
+                callback()
+            except Exception as exc:
+                hub.on_callback_error(callback, exc)
+        else:
+            hub.call_soon(callback)
+
+
+def _is_message_settlement(callback: Any) -> bool:
+    # Celery queues promise(message.ack_log_error) / promise(reject_log_error).
+    fun = getattr(callback, "fun", None)
+    name = getattr(fun, "__name__", "")
+    owner = getattr(fun, "__self__", None)
+    return name in ("ack_log_error", "reject_log_error") and hasattr(owner, "delivery_tag")
+
+
+class ThreadDriver:
+    """Runs the supervisor in a thread, for transports without an event loop.
+
+    Calls from other threads are queued and handed over through a wake-up
+    pipe, so the supervisor itself is only ever touched by this thread.
+    ``submit(block=True)`` waits for a free slot, as prefork's putlocks do.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self._inbox: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._slots = threading.Condition()
+        self._inflight = 0
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        supervisor.selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
+        self._thread = threading.Thread(target=self._run, name="forkguard-supervisor", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, block: bool = True) -> None:
+        with self._slots:
+            while block and not self._stopping and self._inflight >= self.supervisor.limit:
+                self._slots.wait()
+            self._inflight += 1
+        self.call(self.supervisor.submit, job)
+
+    def job_done(self, job: Job) -> None:
+        with self._slots:
+            self._inflight -= 1
+            self._slots.notify_all()
+
+    def slots_changed(self) -> None:
+        with self._slots:
+            self._slots.notify_all()
+
+    def call(self, fun: Callable[..., Any], *args: Any) -> None:
+        self._inbox.append((fun, args))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already awake
+
+    def _on_wake(self, _: Any) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run(self) -> None:
+        supervisor = self.supervisor
+        while True:
+            while self._inbox:
+                fun, args = self._inbox.popleft()
+                try:
+                    fun(*args)
+                except Exception:
+                    logger.exception("forkguard: supervisor call %r failed", fun)
+            if self._stopping and not supervisor.busy() and not self._inbox:
+                break
+            timeout = supervisor.next_timeout()
+            supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
+
+    def drain(self) -> None:
+        """Let every accepted job finish, then stop the thread."""
+        with self._slots:
+            self._stopping = True
+            self._slots.notify_all()
+        self._wake()
+        self._thread.join()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)

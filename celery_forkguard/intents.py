@@ -1,0 +1,54 @@
+"""Why the master signals a child, told through a page of shared memory.
+
+A SIGTERM from ``revoke(terminate=True)`` must end the task as Celery's
+prefork does (the child dies, the task is REVOKED); a SIGTERM from a
+``term_child`` shutdown must raise :class:`TermException` in the task so it
+can clean up.  A signal carries no payload a Python handler can read, so the
+master writes its intent into an anonymous shared mapping, indexed by pid,
+before it sends the signal; the child's handler reads it.  The mapping is
+created before the first fork and only the pages of pids in use are touched.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+NONE = 0
+REVOKE = 1
+
+
+def _pid_limit() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read().strip()) + 1
+    except (OSError, ValueError):
+        return 1 << 17
+
+
+class Intents:
+    """One byte per pid, shared by the master and all its children."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self._size = size or _pid_limit()
+        self._map = mmap.mmap(-1, self._size)
+
+    def set(self, pid: int, intent: int) -> None:
+        if 0 < pid < self._size:
+            self._map[pid] = intent
+
+    def get(self, pid: int) -> int:
+        return self._map[pid] if 0 < pid < self._size else NONE
+
+    def clear(self, pid: int) -> None:
+        self.set(pid, NONE)
+
+
+_intents: Intents | None = None
+
+
+def shared() -> Intents:
+    """The process-wide table; created in the master before the first fork."""
+    global _intents
+    if _intents is None:
+        _intents = Intents()
+    return _intents

@@ -1,0 +1,214 @@
+"""The ``forkguard`` pool: Celery's pool contract, one fresh fork per task.
+
+The module is named ``prefork`` on purpose: Celery's Django fixup recognises
+a forking pool by "prefork" in its module name, and then closes pooled
+database connections in each child as it does for prefork's processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import warnings
+from functools import partial
+from typing import Any, Callable
+
+from billiard.exceptions import WorkerLostError
+
+from celery.concurrency.base import BasePool
+from celery.utils.log import get_logger
+
+from celery_forkguard import intents
+from celery_forkguard.child import ChildContext, child_main
+from celery_forkguard.drivers import HubDriver, ThreadDriver
+from celery_forkguard.forking import Forker
+from celery_forkguard.jobs import Job
+from celery_forkguard.supervisor import Supervisor
+
+__all__ = ["TaskPool"]
+
+logger = get_logger(__name__)
+
+
+class TaskPool(BasePool):
+    """Run every task in a child forked from the worker, then let it exit."""
+
+    uses_semaphore = True
+    task_join_will_block = True
+    body_can_be_buffer = False
+
+    _supervisor: Supervisor | None = None
+    _driver: HubDriver | ThreadDriver | None = None
+
+    # -- life cycle --------------------------------------------------------------
+
+    def on_start(self) -> None:
+        app, hostname = self.options.get("initargs") or (self.app, None)
+        self.app = app or self.app
+        self.hostname = hostname or "celery@forkguard"
+        self.soft_timeout = self.options.get("soft_timeout")
+        self.timeout = self.options.get("timeout")
+        self._semaphore = self.options.get("semaphore")
+        prepare_master(self.app, self.hostname)
+        ctx = ChildContext(self.hostname, os.getpid())
+        self._supervisor = Supervisor(
+            Forker(partial(child_main, ctx)), self.limit or 1, on_job_done=self._on_job_done,
+        )
+        if self.options.get("threads", True):
+            self._driver = ThreadDriver(self._supervisor)
+
+    def register_with_event_loop(self, loop: Any) -> None:
+        assert self._supervisor is not None
+        self._driver = HubDriver(self._supervisor, loop)
+
+    def did_start_ok(self) -> bool:
+        return self._supervisor is not None
+
+    def on_stop(self) -> None:
+        """Warm shutdown: every task the pool accepted runs to its end."""
+        if self._driver is not None:
+            self._driver.drain()
+        self._close()
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: kill the children; their tasks count as lost."""
+        if self._supervisor is not None and self._driver is not None:
+            self._driver.call(self._kill_all, signal.SIGKILL, "cold shutdown")
+            self._supervisor.pending.clear()
+            self._driver.drain()
+        self._close()
+
+    def on_close(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.close()
+        self._supervisor = None
+        self._driver = None
+
+    def restart(self) -> None:
+        # Each task forks from the master anew: reloaded modules apply at once.
+        logger.info("forkguard: pool_restart needs no child restarts")
+
+    # -- tasks ---------------------------------------------------------------------
+
+    def on_apply(
+        self,
+        target: Callable[..., Any],
+        args: tuple | list | None = None,
+        kwargs: dict | None = None,
+        callback: Callable[..., Any] | None = None,
+        accept_callback: Callable[..., Any] | None = None,
+        timeout_callback: Callable[..., Any] | None = None,
+        error_callback: Callable[..., Any] | None = None,
+        soft_timeout: float | None = None,
+        timeout: float | None = None,
+        correlation_id: str | None = None,
+        waitforslot: bool | None = None,
+        **_: Any,
+    ) -> Job:
+        if self._driver is None:
+            raise RuntimeError("forkguard pool is not running")
+        job = Job(
+            target, args or (), kwargs,
+            callback=callback, error_callback=error_callback,
+            accept_callback=accept_callback, timeout_callback=timeout_callback,
+            soft_timeout=self.soft_timeout if soft_timeout is None else soft_timeout,
+            timeout=self.timeout if timeout is None else timeout,
+            correlation_id=correlation_id,
+        )
+        job.propagate = tuple(self.callbacks_propagate or ())
+        self._driver.submit(job, block=bool(waitforslot))
+        return job
+
+    def _on_job_done(self, job: Job) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+        if isinstance(self._driver, ThreadDriver):
+            self._driver.job_done(job)
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        if self._driver is not None and self._supervisor is not None:
+            self._driver.call(self._supervisor.terminate_job, pid, signal)
+
+    def _kill_all(self, signum: int, why: str) -> None:
+        assert self._supervisor is not None
+        for child in self._supervisor.running():
+            error = WorkerLostError(
+                f"Worker exited prematurely: {why} killed the task with "
+                f"{signal.Signals(signum).name}. Job: {child.job.task_id}."
+            )
+            self._supervisor.kill(child, signum, error)
+
+    # -- sizing (pool_grow / pool_shrink / --autoscale) ----------------------------
+
+    def grow(self, n: int = 1) -> None:
+        self._resize(self.limit + n)
+
+    def shrink(self, n: int = 1) -> None:
+        self._resize(self.limit - n)
+
+    def _resize(self, limit: int) -> None:
+        limit = max(1, limit)
+        delta, self.limit = limit - self.limit, limit
+        if self._semaphore is not None and delta:
+            (self._semaphore.grow if delta > 0 else self._semaphore.shrink)(abs(delta))
+        if self._driver is not None and self._supervisor is not None:
+            self._driver.call(self._supervisor.resize, limit)
+            if isinstance(self._driver, ThreadDriver):
+                self._driver.slots_changed()
+
+    @property
+    def num_processes(self) -> int:
+        return int(self.limit or 0)
+
+    # -- inspect stats ---------------------------------------------------------------
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        supervisor = self._supervisor
+        running = supervisor.running() if supervisor else []
+        now = supervisor.clock() if supervisor else 0.0
+        info.update({
+            "max-concurrency": self.limit,
+            "processes": [child.pid for child in running],
+            "max-tasks-per-child": 1,
+            "put-guarded-by-semaphore": self.putlocks,
+            "timeouts": (self.soft_timeout or 0, self.timeout or 0),
+            "children": [
+                {
+                    "pid": child.pid,
+                    "task_id": child.job.task_id,
+                    "name": child.job.task_name,
+                    "runtime": round(now - (child.job.started or now), 3),
+                    "started": child.job.started_wall,
+                }
+                for child in running
+            ],
+            "queued": len(supervisor.pending) if supervisor else 0,
+            "counts": dict(supervisor.counts) if supervisor else {},
+        })
+        return info
+
+
+def prepare_master(app: Any, hostname: str) -> None:
+    """Do once, in the master, what prefork does in every child.
+
+    Tracers are built here so each child inherits them instead of building
+    them per task; the heap is frozen so the master's collector leaves the
+    preloaded app's pages alone; the intents page is mapped before any fork.
+    """
+    from celery.app.trace import build_tracer
+
+    for name, task in app.tasks.items():
+        task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
+    intents.shared()
+    # We fork knowingly from a process that may run threads (Celery's timer,
+    # our supervisor); the child runs no other thread's code.
+    warnings.filterwarnings(
+        "ignore", message=r".*use of fork\(\) may lead to deadlocks.*", category=DeprecationWarning,
+    )
+    gc.collect()
+    gc.freeze()

@@ -1,0 +1,280 @@
+"""The pool's bookkeeping: slots, running children, limits, and outcomes.
+
+Single-threaded and loop-agnostic: a driver (``drivers.py``) calls
+:meth:`Supervisor.poll` when the supervisor's selector is readable or a timer
+is due.  Every wait is a selector or a timer; nothing here blocks on a child.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import time
+from collections import Counter, deque
+from typing import Any, Callable, Optional
+
+from billiard.common import human_status
+from billiard.exceptions import Terminated, WorkerLostError
+
+from celery.utils.log import get_logger
+
+from celery_forkguard import intents, protocol
+from celery_forkguard.exceptions import ForkError
+from celery_forkguard.forking import ChildProcess, Forker
+from celery_forkguard.jobs import Job
+from celery_forkguard.timers import Timer, TimerHeap
+
+logger = get_logger(__name__)
+
+#: How often a child without a pidfd (non-Linux) is checked for exit.
+EXIT_POLL_INTERVAL = 0.01
+#: Back-off between attempts to fork when the system refuses (EAGAIN, ENOMEM).
+FORK_RETRY_DELAYS = (0.1, 0.5, 2.0)
+READ_CHUNK = 65536
+
+
+class Child:
+    """A running child and what the master knows of it."""
+
+    __slots__ = ("job", "kill_error", "process", "report", "timers")
+
+    def __init__(self, process: ChildProcess, job: Job) -> None:
+        self.process = process
+        self.job = job
+        self.report = bytearray()
+        self.timers: list[Timer] = []
+        self.kill_error: Optional[BaseException] = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class Supervisor:
+    """Starts at most ``limit`` children and turns each exit into an outcome."""
+
+    def __init__(
+        self,
+        forker: Forker,
+        limit: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_job_done: Callable[[Job], None] | None = None,
+        selector: selectors.BaseSelector | None = None,
+    ) -> None:
+        self.forker = forker
+        self.limit = max(1, limit)
+        self.clock = clock
+        self.timers = TimerHeap(clock)
+        self.selector = selector or selectors.DefaultSelector()
+        self.children: dict[int, Child] = {}
+        self.pending: deque[Job] = deque()
+        self.on_job_done = on_job_done or (lambda job: None)
+        self.counts: Counter[str] = Counter()
+        self._fork_blocked_until = 0.0
+        self._fork_failures = 0
+
+    # -- state -------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.selector.fileno()
+
+    def busy(self) -> bool:
+        return bool(self.children or self.pending)
+
+    def running(self) -> list[Child]:
+        return list(self.children.values())
+
+    # -- submitting --------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        job.on_terminate = self.cancel_job
+        self.pending.append(job)
+        self.fill_slots()
+
+    def fill_slots(self) -> None:
+        """Fork a child for each pending job while a slot is free."""
+        while self.pending and len(self.children) < self.limit:
+            if self.clock() < self._fork_blocked_until:
+                return
+            self._start(self.pending.popleft())
+
+    def _start(self, job: Job) -> None:
+        if job.cancel_signal is not None:  # revoked before it got a slot
+            self._finish(job, Terminated(-job.cancel_signal))
+            return
+        try:
+            process = self.forker.spawn(job)
+        except OSError as exc:
+            self._fork_failed(job, exc)
+            return
+        self._fork_failures = 0
+        child = Child(process, job)
+        self.children[process.pid] = child
+        self.selector.register(process.report_fd, selectors.EVENT_READ, (self._on_report, child))
+        if process.exit_fd is not None:
+            self.selector.register(process.exit_fd, selectors.EVENT_READ, (self._on_exit, child))
+        else:
+            child.timers.append(self.timers.call_later(EXIT_POLL_INTERVAL, self._on_exit, child))
+        self.counts["forked"] += 1
+        job.accepted(process.pid, self.clock())
+        self._arm_time_limits(child)
+
+    def _fork_failed(self, job: Job, exc: OSError) -> None:
+        if exc.errno in (errno.EAGAIN, errno.ENOMEM) and self._fork_failures < len(
+            FORK_RETRY_DELAYS
+        ):
+            delay = FORK_RETRY_DELAYS[self._fork_failures]
+            self._fork_failures += 1
+            logger.error("forkguard: cannot fork (%s); retrying in %.1fs", exc, delay)
+            self.pending.appendleft(job)
+            self._fork_blocked_until = self.clock() + delay
+            self.timers.call_later(delay, self.fill_slots)
+            return
+        self._fork_failures = 0
+        logger.error("forkguard: cannot fork a child for %r: %s", job, exc)
+        self.counts["fork_failed"] += 1
+        self._finish(job, ForkError(f"could not fork a child to run the task: {exc}"))
+
+    def _arm_time_limits(self, child: Child) -> None:
+        job = child.job
+        if job.soft_timeout:
+            child.timers.append(self.timers.call_later(job.soft_timeout, self._soft_limit, child))
+        if job.timeout:
+            child.timers.append(self.timers.call_later(job.timeout, self._hard_limit, child))
+
+    # -- limits and kills ----------------------------------------------------
+
+    def _soft_limit(self, child: Child) -> None:
+        if child.pid in self.children and not child.job.finished:
+            child.job.time_out(soft=True)
+            self.forker.kill(child.pid, signal.SIGUSR1)
+
+    def _hard_limit(self, child: Child) -> None:
+        if child.pid in self.children and not child.job.finished:
+            self.counts["timed_out"] += 1
+            child.job.time_out(soft=False)
+            self.forker.kill(child.pid, signal.SIGKILL, group=True)
+
+    def kill(self, child: Child, signum: int, error: BaseException) -> None:
+        """Signal a running child; *error* is recorded if it dies without a report."""
+        if child.pid not in self.children or child.kill_error is not None:
+            return
+        child.kill_error = error
+        if signum == signal.SIGTERM:
+            intents.shared().set(child.pid, intents.REVOKE)
+        self.forker.kill(child.pid, signum, group=signum == signal.SIGKILL)
+
+    def terminate_job(self, pid: int, signum: int | None = None) -> None:
+        """``revoke(terminate=True)``: signal that task's child, and only it."""
+        signum = signum or signal.SIGTERM
+        child = self.children.get(pid)
+        if child is not None:
+            self.kill(child, signum, Terminated(-signum))
+
+    def cancel_job(self, job: Job, signum: int) -> None:
+        if job in self.pending:
+            self.pending.remove(job)
+            self._finish(job, Terminated(-signum))
+        elif job.pid is not None:
+            self.terminate_job(job.pid, signum)
+
+    # -- the loop's side -----------------------------------------------------
+
+    def next_timeout(self) -> float | None:
+        deadline = self.timers.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self.clock())
+
+    def poll(self, timeout: float | None = 0) -> None:
+        """Handle whatever is ready: reports, exits, due timers."""
+        for key, _ in self.selector.select(timeout):
+            handler, child = key.data
+            handler(child)
+        self.timers.fire_due()
+
+    def _on_report(self, child: Child) -> None:
+        fd = child.process.report_fd
+        while True:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._unregister(fd)
+                return
+            child.report += data
+
+    def _on_exit(self, child: Child) -> None:
+        code = self.forker.reap(child.pid)
+        if code is None:
+            if child.process.exit_fd is None:
+                child.timers.append(
+                    self.timers.call_later(EXIT_POLL_INTERVAL, self._on_exit, child)
+                )
+            return
+        self._conclude(child, code)
+
+    def _conclude(self, child: Child, code: int) -> None:
+        """The child is gone: collect its report and settle its job."""
+        del self.children[child.pid]
+        intents.shared().clear(child.pid)
+        self._on_report(child)
+        self._close(child)
+        job = child.job
+        if not job.finished:
+            self._settle(job, protocol.decode_report(bytes(child.report)), child, code)
+        self.on_job_done(job)
+        self.fill_slots()
+
+    def _settle(self, job: Job, report: Any, child: Child, code: int) -> None:
+        if report is not None and report[0] == protocol.OUTCOME:
+            self.counts["reported"] += 1
+            job.succeed(report[1])
+        elif report is not None:
+            self.counts["reported"] += 1
+            job.fail_with(report[1])
+        elif child.kill_error is not None:
+            self.counts["killed"] += 1
+            job.fail(child.kill_error)
+        else:
+            self.counts["lost"] += 1
+            job.fail(worker_lost(code, job))
+
+    def _finish(self, job: Job, error: BaseException) -> None:
+        job.fail(error)
+        self.on_job_done(job)
+
+    def _close(self, child: Child) -> None:
+        for timer in child.timers:
+            timer.cancel()
+        for fd in (child.process.report_fd, child.process.exit_fd):
+            if fd is not None:
+                self._unregister(fd)
+                os.close(fd)
+
+    def _unregister(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # -- sizing ----------------------------------------------------------------
+
+    def resize(self, limit: int) -> None:
+        """Change the number of slots; running children are never killed."""
+        self.limit = max(1, limit)
+        self.fill_slots()
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+def worker_lost(code: int, job: Job) -> WorkerLostError:
+    """The error Celery records for a child that died without reporting."""
+    return WorkerLostError(
+        f"Worker exited prematurely: {human_status(code)} Job: {job.task_id}."
+    )
