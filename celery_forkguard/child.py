@@ -24,7 +24,7 @@ from celery._state import _set_task_join_will_block
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_forkguard import intents, protocol, titles
-from celery_forkguard.exceptions import TermException
+from celery_forkguard.exceptions import TermException, TermRequeue
 
 if TYPE_CHECKING:
     from celery_forkguard.jobs import Job
@@ -112,11 +112,15 @@ def install_child_signals() -> None:
 def _raise_term(signum: int, frame: FrameType | None) -> None:
     # Raise once: cleanup code in the task's except/finally is not interrupted again.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if intents.shared().get(os.getpid()) == intents.REVOKE:
+    intent = intents.shared().get(os.getpid())
+    if intent == intents.REVOKE:
         # revoke(terminate=True): die of the signal, as a prefork child does,
         # so Celery records the task as REVOKED rather than as a failure.
         os.kill(os.getpid(), signal.SIGTERM)
-    raise TermException(f"task interrupted by SIGTERM (worker pid {os.getppid()})")
+    reason = intents.REASONS.get(intent, intents.REASONS[intents.NONE])
+    if intent == intents.SHUTDOWN_REQUEUE:
+        raise TermRequeue(reason)
+    raise TermException(reason)
 
 
 def _raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:

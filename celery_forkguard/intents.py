@@ -1,12 +1,13 @@
 """Why the master signals a child, told through a page of shared memory.
 
 A SIGTERM from ``revoke(terminate=True)`` must end the task as Celery's
-prefork does (the child dies, the task is REVOKED); a SIGTERM from a
-``term_child`` shutdown must raise :class:`TermException` in the task so it
-can clean up.  A signal carries no payload a Python handler can read, so the
-master writes its intent into an anonymous shared mapping, indexed by pid,
-before it sends the signal; the child's handler reads it.  The mapping is
-created before the first fork and only the pages of pids in use are touched.
+prefork does (the child dies, the task is REVOKED); a SIGTERM from USR1 or a
+``term_child`` shutdown must raise :class:`TermException` in the task, with a
+message that says why, so it can clean up.  A signal carries no payload a
+Python handler can read, so the master writes its intent into an anonymous
+shared mapping, indexed by pid, before it sends the signal; the child's
+handler reads it.  The mapping is created before the first fork and only the
+pages of pids in use are ever touched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,19 @@ from __future__ import annotations
 import mmap
 
 NONE = 0
-REVOKE = 1
+REVOKE = 1  # revoke(terminate=True): die of the signal
+KILL_USR1 = 2  # USR1 with term_child
+KILL_REMOTE = 3  # forkguard_kill with term_child
+SHUTDOWN = 4  # term_child shutdown, task acked early: record TermException
+SHUTDOWN_REQUEUE = 5  # term_child shutdown, acks_late task: requeue
+
+REASONS = {
+    NONE: "task interrupted by SIGTERM",
+    KILL_USR1: "task killed by USR1 on the worker (SIGTERM)",
+    KILL_REMOTE: "task killed by forkguard_kill (SIGTERM)",
+    SHUTDOWN: "worker shutting down: task interrupted by SIGTERM",
+    SHUTDOWN_REQUEUE: "worker shutting down: task interrupted by SIGTERM, requeued",
+}
 
 
 def _pid_limit() -> int:

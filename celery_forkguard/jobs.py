@@ -63,6 +63,8 @@ class Job:
         self.started_wall: float | None = None
         self.finished = False
         self.cancel_signal: int | None = None
+        #: Whether the task acks late: decides requeue vs failure on a kill.
+        self.acks_late = False
         self.on_terminate: Callable[[Job, int], None] | None = None
 
     def __repr__(self) -> str:

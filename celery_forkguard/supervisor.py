@@ -21,7 +21,7 @@ from billiard.exceptions import Terminated, WorkerLostError
 from celery.utils.log import get_logger
 
 from celery_forkguard import intents, protocol
-from celery_forkguard.exceptions import ForkError
+from celery_forkguard.exceptions import ForkError, MemoryLimitExceeded
 from celery_forkguard.forking import ChildProcess, Forker
 from celery_forkguard.jobs import Job
 from celery_forkguard.timers import Timer, TimerHeap
@@ -33,6 +33,7 @@ EXIT_POLL_INTERVAL = 0.01
 #: Back-off between attempts to fork when the system refuses (EAGAIN, ENOMEM).
 FORK_RETRY_DELAYS = (0.1, 0.5, 2.0)
 READ_CHUNK = 65536
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 class Child:
@@ -75,6 +76,10 @@ class Supervisor:
         self.counts: Counter[str] = Counter()
         self._fork_blocked_until = 0.0
         self._fork_failures = 0
+        #: worker_max_memory_per_child, in kB (None: no guard).
+        self.memory_limit_kb: int | None = None
+        self.memory_check_interval = 0.5
+        self._memory_timer: Timer | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -121,6 +126,7 @@ class Supervisor:
         self.counts["forked"] += 1
         job.accepted(process.pid, self.clock())
         self._arm_time_limits(child)
+        self._arm_memory_guard()
 
     def _fork_failed(self, job: Job, exc: OSError) -> None:
         if exc.errno in (errno.EAGAIN, errno.ENOMEM) and self._fork_failures < len(
@@ -145,6 +151,29 @@ class Supervisor:
         if job.timeout:
             child.timers.append(self.timers.call_later(job.timeout, self._hard_limit, child))
 
+    def _arm_memory_guard(self) -> None:
+        if self.memory_limit_kb and self._memory_timer is None:
+            self._memory_timer = self.timers.call_later(
+                self.memory_check_interval, self._check_memory
+            )
+
+    def _check_memory(self) -> None:
+        """Kill each child whose resident memory passed the limit."""
+        self._memory_timer = None
+        limit = self.memory_limit_kb
+        if not limit:
+            return
+        for child in self.running():
+            rss = resident_kb(child.pid)
+            if rss is not None and rss > limit and child.kill_error is None:
+                self.counts["memory_killed"] += 1
+                self.signal_child(child, signal.SIGKILL, MemoryLimitExceeded(
+                    f"task killed: its process used {rss} kB of resident memory, "
+                    f"over worker_max_memory_per_child={limit} kB"
+                ))
+        if self.children:
+            self._arm_memory_guard()
+
     # -- limits and kills ----------------------------------------------------
 
     def _soft_limit(self, child: Child) -> None:
@@ -158,21 +187,51 @@ class Supervisor:
             child.job.time_out(soft=False)
             self.forker.kill(child.pid, signal.SIGKILL, group=True)
 
-    def kill(self, child: Child, signum: int, error: BaseException) -> None:
-        """Signal a running child; *error* is recorded if it dies without a report."""
-        if child.pid not in self.children or child.kill_error is not None:
-            return
+    def signal_child(
+        self, child: Child, signum: int, error: BaseException | None, intent: int = intents.NONE,
+    ) -> bool:
+        """Send *signum* to a running child.
+
+        *error* is what the task is recorded with if the child dies without
+        a report; *intent* tells the child's SIGTERM handler why (intents.py).
+        SIGKILL goes to the child's whole process group, so the task's own
+        subprocesses go with it.
+        """
+        if child.pid not in self.children:
+            return False
         child.kill_error = error
-        if signum == signal.SIGTERM:
-            intents.shared().set(child.pid, intents.REVOKE)
-        self.forker.kill(child.pid, signum, group=signum == signal.SIGKILL)
+        intents.shared().set(child.pid, intent)
+        return self.forker.kill(child.pid, signum, group=signum == signal.SIGKILL)
+
+    def stop_child(
+        self,
+        child: Child,
+        *,
+        term_timeout: float | None,
+        kill_error: BaseException,
+        term_error: BaseException | None = None,
+        intent: int = intents.NONE,
+    ) -> None:
+        """KILL now, or TERM and KILL after *term_timeout* seconds (Resque's way)."""
+        if term_timeout is None:
+            self.signal_child(child, signal.SIGKILL, kill_error)
+            return
+        self.signal_child(child, signal.SIGTERM, term_error or kill_error, intent)
+        child.timers.append(
+            self.timers.call_later(term_timeout, self._escalate, child, kill_error)
+        )
+
+    def _escalate(self, child: Child, kill_error: BaseException) -> None:
+        if child.pid in self.children:
+            self.signal_child(child, signal.SIGKILL, kill_error)
 
     def terminate_job(self, pid: int, signum: int | None = None) -> None:
         """``revoke(terminate=True)``: signal that task's child, and only it."""
         signum = signum or signal.SIGTERM
         child = self.children.get(pid)
-        if child is not None:
-            self.kill(child, signum, Terminated(-signum))
+        # Celery's Request.terminate asks twice (pool and job): signal once.
+        if child is not None and not isinstance(child.kill_error, Terminated):
+            self.signal_child(child, signum, Terminated(-signum), intents.REVOKE)
 
     def cancel_job(self, job: Job, signum: int) -> None:
         if job in self.pending:
@@ -271,6 +330,16 @@ class Supervisor:
 
     def close(self) -> None:
         self.selector.close()
+
+
+def resident_kb(pid: int) -> int | None:
+    """A process's resident set size in kB, read from /proc (None if unknown)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * PAGE_KB
 
 
 def worker_lost(code: int, job: Job) -> WorkerLostError:

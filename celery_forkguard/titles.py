@@ -27,3 +27,11 @@ def set_title(title: str) -> None:
 
 def set_child_title(hostname: str, job: Job) -> None:
     set_title(child_title(hostname, job))
+
+
+def get_title() -> str:
+    try:
+        from setproctitle import getproctitle
+    except ImportError:  # pragma: no cover
+        return ""
+    return str(getproctitle())

@@ -1,30 +1,27 @@
 """The ``forkguard`` pool: Celery's pool contract, one fresh fork per task.
 
-The module is named ``prefork`` on purpose: Celery's Django fixup recognises
-a forking pool by "prefork" in its module name, and then closes pooled
-database connections in each child as it does for prefork's processes.
+See ``celery_forkguard/prefork/__init__.py`` for why the module is named so.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import signal
 import warnings
 from functools import partial
 from typing import Any, Callable
 
-from billiard.exceptions import WorkerLostError
-
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
-from celery_forkguard import intents
+from celery_forkguard import intents, stopping
+from celery_forkguard.steps import install_consumer_step
+from celery_forkguard.settings import ForkguardSettings, load_settings
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
 from celery_forkguard.jobs import Job
-from celery_forkguard.supervisor import Supervisor
+from celery_forkguard.supervisor import Child, Supervisor
 
 __all__ = ["TaskPool"]
 
@@ -41,6 +38,14 @@ class TaskPool(BasePool):
     _supervisor: Supervisor | None = None
     _driver: HubDriver | ThreadDriver | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = (self.options.get("initargs") or (self.app,))[0] or self.app
+        # Bad settings stop the worker here, before it takes any task.
+        self.settings = load_settings(app.conf) if app is not None else ForkguardSettings()
+        if app is not None:
+            install_consumer_step(app)
+
     # -- life cycle --------------------------------------------------------------
 
     def on_start(self) -> None:
@@ -55,6 +60,8 @@ class TaskPool(BasePool):
         self._supervisor = Supervisor(
             Forker(partial(child_main, ctx)), self.limit or 1, on_job_done=self._on_job_done,
         )
+        self._supervisor.memory_limit_kb = self.options.get("max_memory_per_child") or None
+        self._supervisor.memory_check_interval = self.settings.memory_check_interval
         if self.options.get("threads", True):
             self._driver = ThreadDriver(self._supervisor)
 
@@ -72,10 +79,11 @@ class TaskPool(BasePool):
         self._close()
 
     def on_terminate(self) -> None:
-        """Cold shutdown: kill the children; their tasks count as lost."""
+        """Cold shutdown: kill the children; record or requeue their tasks."""
         if self._supervisor is not None and self._driver is not None:
-            self._driver.call(self._kill_all, signal.SIGKILL, "cold shutdown")
-            self._supervisor.pending.clear()
+            self.stop_running(stopping.cold_shutdown)
+            # Jobs never started were never acked: the broker redelivers them.
+            self._driver.call(self._supervisor.pending.clear)
             self._driver.drain()
         self._close()
 
@@ -120,6 +128,8 @@ class TaskPool(BasePool):
             correlation_id=correlation_id,
         )
         job.propagate = tuple(self.callbacks_propagate or ())
+        task = self.app.tasks.get(job.task_name) if self.app else None
+        job.acks_late = bool(getattr(task, "acks_late", False))
         self._driver.submit(job, block=bool(waitforslot))
         return job
 
@@ -133,14 +143,28 @@ class TaskPool(BasePool):
         if self._driver is not None and self._supervisor is not None:
             self._driver.call(self._supervisor.terminate_job, pid, signal)
 
-    def _kill_all(self, signum: int, why: str) -> None:
+    def running(self) -> list[Child]:
+        """A snapshot of the running children (safe from any thread)."""
+        return self._supervisor.running() if self._supervisor else []
+
+    def stop_running(self, planner: stopping.Planner) -> list[str]:
+        """Stop the running tasks *planner* picks; return their task ids."""
+        plans = []
+        for child in self.running():
+            plan = planner(child.job)
+            if plan is not None:
+                plans.append((child, plan))
+        if plans and self._driver is not None:
+            self._driver.call(self._apply_stop_plans, plans)
+        return [str(child.job.task_id) for child, _ in plans]
+
+    def _apply_stop_plans(self, plans: list[tuple[Child, stopping.StopPlan]]) -> None:
         assert self._supervisor is not None
-        for child in self._supervisor.running():
-            error = WorkerLostError(
-                f"Worker exited prematurely: {why} killed the task with "
-                f"{signal.Signals(signum).name}. Job: {child.job.task_id}."
+        for child, plan in plans:
+            self._supervisor.stop_child(
+                child, term_timeout=plan.term_timeout, kill_error=plan.kill_error,
+                term_error=plan.term_error, intent=plan.intent,
             )
-            self._supervisor.kill(child, signum, error)
 
     # -- sizing (pool_grow / pool_shrink / --autoscale) ----------------------------
 

@@ -1,0 +1,107 @@
+"""forkguard's settings: ``app.conf`` first, then environment overrides.
+
+Every setting lives in Celery's configuration under a ``forkguard_`` name, so
+Django projects set ``CELERY_FORKGUARD_TERM_CHILD`` and so on through
+``config_from_object("django.conf:settings", namespace="CELERY")``.  The
+environment wins, so a platform (Heroku, Kubernetes) can set Resque's own
+variables without touching code.  A bad value stops the worker at start with
+a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from celery.exceptions import ImproperlyConfigured
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the app.conf key
+    default: Any
+    parse: Callable[[str, Any], Any]
+    env: tuple[str, ...]  # environment variables, strongest first
+    doc: str
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false, yes/no), not {value!r}")
+
+
+def parse_seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(f"{name} must be a number of seconds, not {value!r}") from None
+    if seconds < 0 or math.isnan(seconds) or math.isinf(seconds):
+        raise ImproperlyConfigured(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+SETTINGS = (
+    Setting(
+        "forkguard_term_child", False, parse_bool, ("FORKGUARD_TERM_CHILD", "TERM_CHILD"),
+        "On TERM, send TERM to running children (the task sees TermException), "
+        "wait forkguard_term_timeout, KILL what is left, exit.",
+    ),
+    Setting(
+        "forkguard_term_timeout", 4.0, parse_seconds,
+        ("FORKGUARD_TERM_TIMEOUT", "RESQUE_TERM_TIMEOUT"),
+        "Seconds between TERM and KILL for a child (term_child shutdown and USR1).",
+    ),
+    Setting(
+        "forkguard_pre_shutdown_timeout", 0.0, parse_seconds,
+        ("FORKGUARD_PRE_SHUTDOWN_TIMEOUT", "RESQUE_PRE_SHUTDOWN_TIMEOUT"),
+        "Seconds a term_child shutdown lets children finish on their own before TERM.",
+    ),
+    Setting(
+        "forkguard_memory_check_interval", 0.5, parse_seconds,
+        ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
+        "How often each child's resident memory is compared with "
+        "worker_max_memory_per_child.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ForkguardSettings:
+    term_child: bool = False
+    term_timeout: float = 4.0
+    pre_shutdown_timeout: float = 0.0
+    memory_check_interval: float = 0.5
+
+
+def load_settings(
+    conf: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+) -> ForkguardSettings:
+    """Read and validate every setting; raise ImproperlyConfigured on a bad one."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in SETTINGS:
+        values[setting.name[len("forkguard_"):]] = _value_of(setting, conf, environ)
+    return ForkguardSettings(**values)
+
+
+def _value_of(setting: Setting, conf: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    for var in setting.env:
+        if var in environ:
+            return setting.parse(var, environ[var])
+    value = conf.get(setting.name)
+    if value is None:
+        return setting.default
+    return setting.parse(setting.name, value)
