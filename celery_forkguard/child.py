@@ -8,13 +8,13 @@ computed in the master before the first fork (see ``prefork.TaskPool``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import signal
 import stat
 import sys
-
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -209,14 +209,10 @@ def _flush_output() -> None:
     for handler in list(logging._handlerList):  # type: ignore[attr-defined]
         h = handler()
         if h is not None:
-            try:
+            with contextlib.suppress(Exception):
                 h.flush()
-            except Exception:
-                pass
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
 
 

@@ -77,7 +77,8 @@ def format_status(worker: str, status: dict[str, Any]) -> str:
     ]
     for child in status.get("running") or []:
         lines.append(
-            f"  pid {child['pid']:>7}  {child['runtime']:>9.1f}s  {child['name']}[{child['task_id']}]"
+            f"  pid {child['pid']:>7}  {child['runtime']:>9.1f}s  "
+            f"{child['name']}[{child['task_id']}]"
         )
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ result-handler thread does for prefork.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import threading
@@ -73,10 +74,8 @@ class HubDriver:
         The hub's timers (heartbeats) keep firing, and the ack/reject calls
         Celery queued on it for finished tasks are run so nothing is lost.
         """
-        try:
+        with contextlib.suppress(Exception):
             self.hub.remove_reader(self.supervisor.fileno())
-        except Exception:
-            pass
         while self.supervisor.busy():
             timeout = self.supervisor.next_timeout()
             self.supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
@@ -159,10 +158,8 @@ class ThreadDriver:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):  # already awake
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already awake
 
     def _on_wake(self, _: Any) -> None:
         try:

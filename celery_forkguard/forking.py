@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -101,7 +102,5 @@ def _open_exit_fd(pid: int) -> int | None:
 def _flush_stdio() -> None:
     # Buffered output would otherwise be written twice: by master and child.
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass

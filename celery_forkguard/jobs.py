@@ -7,7 +7,6 @@ import time
 from typing import Any, Callable, Optional
 
 from billiard.einfo import ExceptionInfo
-
 from celery.utils.log import get_logger
 
 logger = get_logger(__name__)

@@ -7,6 +7,7 @@ that Celery's blocking loop runs between two polls of the broker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections import deque
@@ -44,10 +45,8 @@ class SignalRelay:
         # Only record and wake: no logging, no I/O beyond one byte (gunicorn #2667).
         self.received.append(signal.Signals(signum).name)
         if self._hub is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"s")
-            except OSError:
-                pass
         elif self._call_soon is not None:
             self._call_soon(self.run_pending)
 
@@ -69,7 +68,5 @@ class SignalRelay:
 
     def wake(self) -> None:
         """Wake the loop from another thread (the hub then re-checks its state)."""
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"w")
-        except OSError:
-            pass

@@ -7,6 +7,7 @@ is due.  Every wait is a selector or a timer; nothing here blocks on a child.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -17,7 +18,6 @@ from typing import Any, Callable, Optional
 
 from billiard.common import human_status
 from billiard.exceptions import Terminated, WorkerLostError
-
 from celery.utils.log import get_logger
 
 from celery_forkguard import intents, protocol
@@ -84,7 +84,8 @@ class Supervisor:
     # -- state -------------------------------------------------------------
 
     def fileno(self) -> int:
-        return self.selector.fileno()
+        # epoll/kqueue selectors are themselves pollable: the hub watches this one fd.
+        return int(self.selector.fileno())  # type: ignore[attr-defined]
 
     def busy(self) -> bool:
         return bool(self.children or self.pending)
@@ -316,10 +317,8 @@ class Supervisor:
                 os.close(fd)
 
     def _unregister(self, fd: int) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
 
     # -- sizing ----------------------------------------------------------------
 

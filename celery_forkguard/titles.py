@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
+_setproctitle: Optional[Callable[[str], None]]
 try:
     from setproctitle import setproctitle as _setproctitle
 except ImportError:  # pragma: no cover - setproctitle is a dependency

@@ -15,12 +15,12 @@ from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
 from celery_forkguard import intents, stopping
-from celery_forkguard.steps import install_consumer_step
-from celery_forkguard.settings import ForkguardSettings, load_settings
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
 from celery_forkguard.jobs import Job
+from celery_forkguard.settings import ForkguardSettings, load_settings
+from celery_forkguard.steps import install_consumer_step
 from celery_forkguard.supervisor import Child, Supervisor
 
 __all__ = ["TaskPool"]
@@ -35,6 +35,8 @@ class TaskPool(BasePool):
     task_join_will_block = True
     body_can_be_buffer = False
 
+    app: Any
+    limit: int
     _supervisor: Supervisor | None = None
     _driver: HubDriver | ThreadDriver | None = None
 
