@@ -249,7 +249,12 @@ class Supervisor:
 
     def poll(self, timeout: float | None = 0) -> None:
         """Handle whatever is ready: reports, exits, due timers."""
+        registered = self.selector.get_map()
         for key, _ in self.selector.select(timeout):
+            # An exit handled earlier in this batch may have closed this fd and
+            # a new child reused its number: skip events for keys now gone.
+            if registered.get(key.fd) is not key:
+                continue
             handler, child = key.data
             handler(child)
         self.timers.fire_due()
