@@ -1,0 +1,159 @@
+"""Nox sessions for celery-forkguard.
+
+    nox                  # lint, the default test pairings, install
+    nox -s lint
+    nox -s tests         # every pairing below; one: nox -s "tests(3.11-celery5.7.0)"
+    nox -s install
+    nox -s bench -- --tasks 2000 --rounds 3
+
+Each test session pairs one Python with one Celery release instead of
+running the full cross product: every supported Python and every supported
+Celery minor is covered once.  Pythons are found as ``pythonX.Y`` on PATH; a
+``pythonX.Y`` that does not run (an inactive pyenv shim) is replaced by
+``$FORKGUARD_PYTHON_X_Y`` when set, else by the newest
+``$(pyenv root)/versions/X.Y.*`` (see ``_expose_interpreters``).  Under
+``CI=true`` a Python that cannot be found fails its session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+#: (Python, Celery) pairs the ``tests`` session runs.
+PAIRINGS = [
+    ("3.9", "5.3.6"),
+    ("3.10", "5.4.0"),
+    ("3.11", "5.7.0"),
+    ("3.12", "5.5.3"),
+    ("3.13", "5.6.3"),
+]
+PYTHONS = sorted({python for python, _ in PAIRINGS}, key=lambda v: tuple(map(int, v.split("."))))
+LINT_TOOLS = ("ruff==0.17.6", "mypy==2.4.1")
+
+nox.options.sessions = ["lint", "tests", "install"]
+# A missing interpreter is an error in CI (nox's own default under CI, made explicit).
+nox.options.error_on_missing_interpreters = IN_CI
+if hasattr(nox.options, "download_python"):
+    # Only PyPI is reachable: never try to download a Python build.
+    nox.options.download_python = "never"
+
+
+# -- finding interpreters ----------------------------------------------------------
+
+
+def _runs_as(executable: str, version: str) -> bool:
+    """Whether *executable* starts and is Python *version* (a pyenv shim may not)."""
+    try:
+        out = subprocess.run(
+            [executable, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.strip() == version
+
+
+def _pyenv_root() -> Optional[Path]:
+    root = os.environ.get("PYENV_ROOT")
+    if not root and shutil.which("pyenv"):
+        out = subprocess.run(
+            ["pyenv", "root"], capture_output=True, text=True, timeout=30, check=False,
+        )
+        root = out.stdout.strip() if out.returncode == 0 else None
+    return Path(root) if root else None
+
+
+def _from_pyenv(version: str) -> Optional[str]:
+    root = _pyenv_root()
+    if root is None:
+        return None
+    pattern = re.compile(rf"^{re.escape(version)}\.(\d+)$")  # 3.9.18, not 3.9.18t or 3.9-dev
+    found = []
+    for entry in (root / "versions").glob(f"{version}.*"):
+        match = pattern.match(entry.name)
+        candidate = entry / "bin" / f"python{version}"
+        if match and candidate.is_file():
+            found.append((int(match.group(1)), str(candidate)))
+    for _, exe in sorted(found, reverse=True):
+        if _runs_as(exe, version):
+            return exe
+    return None
+
+
+def _find_interpreter(version: str) -> Optional[str]:
+    explicit = os.environ.get(f"FORKGUARD_PYTHON_{version.replace('.', '_')}")
+    if explicit:
+        return explicit  # trusted as given: a wrong one fails its session loudly
+    on_path = shutil.which(f"python{version}")
+    if on_path and _runs_as(on_path, version):
+        return None  # nox finds it itself
+    return _from_pyenv(version)
+
+
+def _expose_interpreters() -> None:
+    """Put a working ``pythonX.Y`` first on PATH for each version nox would miss.
+
+    The links live in .nox/, so PATH gains no other program (pip, python3...).
+    """
+    links = ROOT / ".nox" / ".interpreters"
+    found = {v: exe for v in PYTHONS if (exe := _find_interpreter(v)) is not None}
+    if not found:
+        return
+    links.mkdir(parents=True, exist_ok=True)
+    for version, exe in found.items():
+        link = links / f"python{version}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(exe)
+    os.environ["PATH"] = f"{links}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+_expose_interpreters()
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+@nox.session
+@nox.parametrize(
+    "python,celery",
+    [nox.param(python, celery, id=f"{python}-celery{celery}") for python, celery in PAIRINGS],
+)
+def tests(session: nox.Session, celery: str) -> None:
+    """Unit and integration tests against one Celery release."""
+    session.install(".[test]", f"celery=={celery}")
+    session.run("python", "-c", "import celery, sys; print('celery', celery.__version__, "
+                "'on python', sys.version.split()[0])")
+    session.run("python", "-m", "pytest", "tests/unit", "tests/integration", *session.posargs)
+
+
+@nox.session
+def install(session: nox.Session) -> None:
+    """Tests of installing the package the way users do (tests/install)."""
+    session.install(".[test]")
+    session.run("python", "-m", "pytest", "tests/install", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the repository, mypy over the package."""
+    session.install(".", *LINT_TOOLS)
+    session.run("ruff", "check", ".")
+    session.run("mypy", "celery_forkguard")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput of forkguard against prefork (needs Redis; see benchmarks/README.md)."""
+    session.install(".[test]")
+    session.run("python", "-m", "benchmarks.throughput", *session.posargs)
