@@ -23,7 +23,7 @@ from celery import signals
 from celery._state import _set_task_join_will_block
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_forkguard import intents, protocol, titles
+from celery_forkguard import fasthooks, intents, protocol, titles
 from celery_forkguard.exceptions import TermException, TermRequeue
 
 if TYPE_CHECKING:
@@ -40,11 +40,12 @@ SOFT_TIMEOUT_SIGNAL = signal.SIGUSR1
 
 
 class ChildContext:
-    """What the master hands every child: fixed once per pool."""
+    """What every child is handed: fixed once per pool."""
 
-    def __init__(self, hostname: str, master_pid: int) -> None:
+    def __init__(self, hostname: str, parent_pid: int) -> None:
         self.hostname = hostname
-        self.master_pid = master_pid
+        #: The process children are forked from (the worker, or its fork server).
+        self.parent_pid = parent_pid
 
 
 def child_main(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> NoReturn:
@@ -83,8 +84,8 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
     gc.freeze()
     os.setpgrp()
     install_child_signals()
-    signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
-    _die_with_master(ctx)
+    fasthooks.restore_signal_mask(saved_mask)
+    _die_with_parent(ctx)
     detach_inherited_fds(keep={report_fd})
     # kombu, Celery and the result backends drop inherited connections here.
     billiard_util._run_after_forkers()
@@ -94,19 +95,14 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
 
 
 def install_child_signals() -> None:
-    """Drop the master's handlers; install the ones a running task needs."""
+    """Drop the inherited handlers; install the ones a running task needs."""
     signal.set_wakeup_fd(-1)
-    for signum in signal.valid_signals():
-        try:
-            handler = signal.getsignal(signum)
-        except (OSError, ValueError):
-            continue
-        if callable(handler):
-            signal.signal(signum, signal.SIG_DFL)
-    # The master decides about Ctrl-C; the task never sees it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_term)
-    signal.signal(SOFT_TIMEOUT_SIGNAL, _raise_soft_time_limit)
+    for signum in fasthooks.python_handled_signals():
+        fasthooks.set_handler(signum, signal.SIG_DFL)
+    # The worker decides about Ctrl-C; the task never sees it.
+    fasthooks.set_handler(signal.SIGINT, signal.SIG_IGN)
+    fasthooks.set_handler(signal.SIGTERM, _raise_term)
+    fasthooks.set_handler(SOFT_TIMEOUT_SIGNAL, _raise_soft_time_limit)
 
 
 def _raise_term(signum: int, frame: FrameType | None) -> None:
@@ -127,12 +123,10 @@ def _raise_soft_time_limit(signum: int, frame: FrameType | None) -> None:
     raise SoftTimeLimitExceeded()
 
 
-def _die_with_master(ctx: ChildContext) -> None:
-    from celery import platforms
-
-    platforms.set_pdeathsig("SIGKILL")
-    # The master may have died before the line above took effect.
-    if os.getppid() != ctx.master_pid:
+def _die_with_parent(ctx: ChildContext) -> None:
+    fasthooks.die_with_parent()
+    # The parent may have died before the line above took effect.
+    if os.getppid() != ctx.parent_pid:
         raise SystemExit(EXIT_ORPHANED)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol
+
+from celery_forkguard import fasthooks
 
 if TYPE_CHECKING:
     from celery_forkguard.jobs import Job
@@ -29,6 +30,16 @@ class ChildProcess:
     exit_fd: int | None  # a pidfd: readable once the child has exited
 
 
+class Spawner(Protocol):
+    """What the supervisor needs of whatever forks its children."""
+
+    def spawn(self, job: Job) -> ChildProcess: ...
+
+    def reap(self, pid: int) -> int | None: ...
+
+    def kill(self, pid: int, signum: int, group: bool = False) -> bool: ...
+
+
 class Forker:
     """Forks children with every signal blocked across the fork.
 
@@ -42,12 +53,12 @@ class Forker:
 
     def spawn(self, job: Job) -> ChildProcess:
         read_fd, write_fd = os.pipe()  # both ends close-on-exec (PEP 446)
-        _flush_stdio()
-        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        flush_stdio()
+        saved_mask = fasthooks.block_all_signals()
         try:
             pid = os.fork()
         except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+            fasthooks.restore_signal_mask(saved_mask)
             os.close(read_fd)
             os.close(write_fd)
             raise
@@ -57,7 +68,7 @@ class Forker:
                 self.child_main(job, write_fd, saved_mask)
             finally:
                 os._exit(71)
-        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        fasthooks.restore_signal_mask(saved_mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         return ChildProcess(pid, read_fd, _open_exit_fd(pid))
@@ -99,7 +110,7 @@ def _open_exit_fd(pid: int) -> int | None:
         return None
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
     # Buffered output would otherwise be written twice: by master and child.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -71,6 +71,12 @@ SETTINGS = (
         "Seconds a term_child shutdown lets children finish on their own before TERM.",
     ),
     Setting(
+        "forkguard_fork_server", True, parse_bool, ("FORKGUARD_FORK_SERVER",),
+        "Fork each task's child from a fork server (a copy of the worker made at "
+        "start) instead of from the worker itself, which keeps fork() and its "
+        "copy-on-write faults off the worker's event loop.",
+    ),
+    Setting(
         "forkguard_memory_check_interval", 0.5, parse_seconds,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
@@ -85,6 +91,7 @@ class ForkguardSettings:
     term_timeout: float = 4.0
     pre_shutdown_timeout: float = 0.0
     memory_check_interval: float = 0.5
+    fork_server: bool = True
 
 
 def load_settings(

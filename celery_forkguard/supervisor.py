@@ -22,7 +22,7 @@ from celery.utils.log import get_logger
 
 from celery_forkguard import intents, protocol
 from celery_forkguard.exceptions import ForkError, MemoryLimitExceeded
-from celery_forkguard.forking import ChildProcess, Forker
+from celery_forkguard.forking import ChildProcess, Spawner
 from celery_forkguard.jobs import Job
 from celery_forkguard.timers import Timer, TimerHeap
 
@@ -34,6 +34,8 @@ EXIT_POLL_INTERVAL = 0.01
 FORK_RETRY_DELAYS = (0.1, 0.5, 2.0)
 READ_CHUNK = 65536
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+#: Exit code recorded for children whose fork server died.
+SERVER_LOST = 255
 
 
 class Child:
@@ -58,7 +60,7 @@ class Supervisor:
 
     def __init__(
         self,
-        forker: Forker,
+        forker: Spawner,
         limit: int,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +82,9 @@ class Supervisor:
         self.memory_limit_kb: int | None = None
         self.memory_check_interval = 0.5
         self._memory_timer: Timer | None = None
+        # A fork server reports exits on one socket instead of a pidfd per child.
+        self._exit_events = hasattr(forker, "read_exits")
+        self._events_fd: int | None = None
 
     # -- state -------------------------------------------------------------
 
@@ -114,15 +119,17 @@ class Supervisor:
         try:
             process = self.forker.spawn(job)
         except OSError as exc:
+            self._watch_exit_events()
             self._fork_failed(job, exc)
             return
+        self._watch_exit_events()
         self._fork_failures = 0
         child = Child(process, job)
         self.children[process.pid] = child
         self.selector.register(process.report_fd, selectors.EVENT_READ, (self._on_report, child))
         if process.exit_fd is not None:
             self.selector.register(process.exit_fd, selectors.EVENT_READ, (self._on_exit, child))
-        else:
+        elif not self._exit_events:
             child.timers.append(self.timers.call_later(EXIT_POLL_INTERVAL, self._on_exit, child))
         self.counts["forked"] += 1
         job.accepted(process.pid, self.clock())
@@ -283,6 +290,35 @@ class Supervisor:
             return
         self._conclude(child, code)
 
+    def _watch_exit_events(self) -> None:
+        """Follow the fork server's socket; a lost server loses its children."""
+        forker: Any = self.forker
+        if not self._exit_events:
+            return
+        fd = forker.events_fileno() if forker.alive() else None
+        if fd == self._events_fd:
+            return
+        if self._events_fd is not None:
+            self._unregister(self._events_fd)
+            self._events_fd = None
+            # The old server is gone, and its children with it (pdeathsig).
+            for child in self.running():
+                child.kill_error = child.kill_error or WorkerLostError(
+                    "Worker exited prematurely: the fork server died and took the "
+                    f"task's process with it. Job: {child.job.task_id}."
+                )
+                self._conclude(child, SERVER_LOST)
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_READ, (self._on_exit_events, None))
+            self._events_fd = fd
+
+    def _on_exit_events(self, _: Any) -> None:
+        for pid, code in self.forker.read_exits():  # type: ignore[attr-defined]
+            child = self.children.get(pid)
+            if child is not None:
+                self._conclude(child, code)
+        self._watch_exit_events()
+
     def _conclude(self, child: Child, code: int) -> None:
         """The child is gone: collect its report and settle its job."""
         del self.children[child.pid]
@@ -333,6 +369,9 @@ class Supervisor:
         self.fill_slots()
 
     def close(self) -> None:
+        close_forker = getattr(self.forker, "close", None)
+        if close_forker is not None:
+            close_forker()
         self.selector.close()
 
 

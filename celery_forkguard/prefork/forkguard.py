@@ -17,7 +17,8 @@ from celery.utils.log import get_logger
 from celery_forkguard import intents, stopping
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
-from celery_forkguard.forking import Forker
+from celery_forkguard.forking import Forker, Spawner
+from celery_forkguard.forkserver import ForkServer
 from celery_forkguard.jobs import Job
 from celery_forkguard.settings import ForkguardSettings, load_settings
 from celery_forkguard.steps import install_consumer_step
@@ -58,14 +59,21 @@ class TaskPool(BasePool):
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
         prepare_master(self.app, self.hostname)
-        ctx = ChildContext(self.hostname, os.getpid())
         self._supervisor = Supervisor(
-            Forker(partial(child_main, ctx)), self.limit or 1, on_job_done=self._on_job_done,
+            self._make_forker(), self.limit or 1, on_job_done=self._on_job_done,
         )
         self._supervisor.memory_limit_kb = self.options.get("max_memory_per_child") or None
         self._supervisor.memory_check_interval = self.settings.memory_check_interval
         if self.options.get("threads", True):
             self._driver = ThreadDriver(self._supervisor)
+
+    def _make_forker(self) -> Spawner:
+        ctx = ChildContext(self.hostname, os.getpid())
+        if self.settings.fork_server:
+            server = ForkServer(ctx)
+            server.start()
+            return server
+        return Forker(partial(child_main, ctx))
 
     def register_with_event_loop(self, loop: Any) -> None:
         assert self._supervisor is not None
