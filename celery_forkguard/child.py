@@ -42,8 +42,11 @@ SOFT_TIMEOUT_SIGNAL = signal.SIGUSR1
 class ChildContext:
     """What every child is handed: fixed once per pool."""
 
-    def __init__(self, hostname: str, parent_pid: int) -> None:
+    def __init__(self, hostname: str, parent_pid: int, term_child: bool = False) -> None:
         self.hostname = hostname
+        #: With term_child the worker decides when a task gets TERM: a TERM it
+        #: did not send (Heroku signals every process of a dyno) is ignored.
+        self.term_child = term_child
         #: The process children are forked from (the worker, or its fork server).
         self.parent_pid = parent_pid
 
@@ -83,6 +86,8 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
     # them keeps the collector from writing to (and so copying) their pages.
     gc.freeze()
     os.setpgrp()
+    global _term_child
+    _term_child = ctx.term_child
     install_child_signals()
     fasthooks.restore_signal_mask(saved_mask)
     _die_with_parent(ctx)
@@ -105,10 +110,15 @@ def install_child_signals() -> None:
     fasthooks.set_handler(SOFT_TIMEOUT_SIGNAL, _raise_soft_time_limit)
 
 
+_term_child = False
+
+
 def _raise_term(signum: int, frame: FrameType | None) -> None:
-    # Raise once: cleanup code in the task's except/finally is not interrupted again.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     intent = intents.shared().get(os.getpid())
+    if intent == intents.NONE and _term_child:
+        return  # not from the worker: it will TERM us itself when it is time
+    # Raise once: cleanup code in the task's except/finally is not interrupted again.
+    fasthooks.set_handler(signal.SIGTERM, signal.SIG_DFL)
     if intent == intents.REVOKE:
         # revoke(terminate=True): die of the signal, as a prefork child does,
         # so Celery records the task as REVOKED rather than as a failure.

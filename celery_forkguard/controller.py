@@ -1,8 +1,12 @@
 """Resque's operator controls on a forkguard worker.
 
 One small ``handle_<signal>`` per signal, as in gunicorn's arbiter; the
-remote-control commands call the same methods.  Everything here runs in the
-worker's main thread (the hub, or Celery's blocking loop).
+remote-control commands call the same methods.  Signals and commands are
+handled in the worker's main thread (the hub, or Celery's blocking loop,
+which looks at them between two polls of the broker: up to ~2 s later); the
+steps of a term_child shutdown run from the consumer's timer, which on
+blocking transports is a thread (the pool's methods used there are
+thread-safe).
 """
 
 from __future__ import annotations

@@ -49,12 +49,12 @@ STARTED, EXITED = b"S", b"X"
 SERVER_IGNORES = ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
                   "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGWINCH")
 
-#: Exit code reported for children lost with a dead fork server.
-SERVER_LOST = 255
+#: How long the worker waits for the server to fork one child.
+SPAWN_TIMEOUT = 10.0
 
 
 class ForkServerError(OSError):
-    """The fork server is gone or answered nonsense."""
+    """The fork server is gone, hung, or answered nonsense."""
 
 
 class ForkServer:
@@ -73,11 +73,19 @@ class ForkServer:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         flush_stdio()
-        pid = os.fork()
+        # Blocked across fork: a signal now must not run the worker's handler
+        # in the server; serve() unblocks once its own handlers are in place.
+        saved_mask = fasthooks.block_all_signals()
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                fasthooks.restore_signal_mask(saved_mask)
         if pid == 0:  # pragma: no cover - the server process
             try:
                 ours.close()
-                serve(self.ctx, theirs)
+                serve(self.ctx, theirs, saved_mask)
             finally:
                 os._exit(70)
         theirs.close()
@@ -104,7 +112,16 @@ class ForkServer:
     # -- the Forker interface ---------------------------------------------------------
 
     def spawn(self, job: Job) -> ChildProcess:
-        """Ask the server for a child running *job*; return once it is forked."""
+        """Ask the server for a child running *job*; return once it is forked.
+
+        A server found dead is started again once before giving up.
+        """
+        try:
+            return self._spawn(job)
+        except ForkServerError:
+            return self._spawn(job)
+
+    def _spawn(self, job: Job) -> ChildProcess:
         if self._sock is None:
             self.start()
         assert self._sock is not None
@@ -112,18 +129,23 @@ class ForkServer:
         read_fd, write_fd = os.pipe()
         self._token = token = (self._token + 1) & 0x7FFFFFFF
         try:
-            self._sock.setblocking(True)
+            self._sock.settimeout(SPAWN_TIMEOUT)
             socket.send_fds(self._sock, [REQUEST.pack(token, len(payload))], [write_fd])
             self._sock.sendall(payload)
             pid = self._wait_started(token)
-        except OSError:
+        except OSError as exc:
             os.close(read_fd)
             self._lost()
-            raise
+            if isinstance(exc, TimeoutError):
+                raise ForkServerError("the fork server did not answer in time") from exc
+            raise ForkServerError(f"the fork server failed: {exc!r}") from exc
         finally:
             os.close(write_fd)
             if self._sock is not None:
                 self._sock.setblocking(False)
+        if pid < 0:  # the server's fork() failed: EAGAIN, ENOMEM, ...
+            os.close(read_fd)
+            raise OSError(-pid, os.strerror(-pid))
         os.set_blocking(read_fd, False)
         return ChildProcess(pid, read_fd, None)
 
@@ -131,8 +153,6 @@ class ForkServer:
         while True:
             for kind, a, b in self._parse():
                 if kind == STARTED and a == token:
-                    if b < 0:
-                        raise OSError(-b, os.strerror(-b))
                     return b
             self._receive(blocking=True)
 
@@ -150,7 +170,10 @@ class ForkServer:
 
     def _receive(self, blocking: bool) -> None:
         assert self._sock is not None
-        self._sock.setblocking(blocking)
+        if blocking:
+            self._sock.settimeout(SPAWN_TIMEOUT)
+        else:
+            self._sock.setblocking(False)
         try:
             while True:
                 data = self._sock.recv(65536)
@@ -212,7 +235,7 @@ def _job_for_child(job: Job) -> Any:
 # -- the server process ---------------------------------------------------------------
 
 
-def serve(ctx: ChildContext, sock: socket.socket) -> NoReturn:
+def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
     """The fork server's loop: fork on request, reap, report; never returns."""
     from celery_forkguard.child import child_main, detach_inherited_fds
 
@@ -220,6 +243,7 @@ def serve(ctx: ChildContext, sock: socket.socket) -> NoReturn:
     gc.disable()
     gc.freeze()
     wake_r, wake_w = _quiet_signals()
+    fasthooks.restore_signal_mask(saved_mask)
     fasthooks.die_with_parent()
     if os.getppid() != ctx.parent_pid:
         os._exit(0)

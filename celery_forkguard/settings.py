@@ -54,6 +54,13 @@ def parse_seconds(name: str, value: Any) -> float:
     return seconds
 
 
+def parse_interval(name: str, value: Any) -> float:
+    seconds = parse_seconds(name, value)
+    if seconds <= 0:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds > 0, not {value!r}")
+    return seconds
+
+
 SETTINGS = (
     Setting(
         "forkguard_term_child", False, parse_bool, ("FORKGUARD_TERM_CHILD", "TERM_CHILD"),
@@ -77,7 +84,7 @@ SETTINGS = (
         "copy-on-write faults off the worker's event loop.",
     ),
     Setting(
-        "forkguard_memory_check_interval", 0.5, parse_seconds,
+        "forkguard_memory_check_interval", 0.5, parse_interval,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
         "worker_max_memory_per_child.",

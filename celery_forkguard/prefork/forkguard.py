@@ -68,7 +68,7 @@ class TaskPool(BasePool):
             self._driver = ThreadDriver(self._supervisor)
 
     def _make_forker(self) -> Spawner:
-        ctx = ChildContext(self.hostname, os.getpid())
+        ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child)
         if self.settings.fork_server:
             server = ForkServer(ctx)
             server.start()
