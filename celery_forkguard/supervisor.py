@@ -84,7 +84,8 @@ class Supervisor:
         self._memory_timer: Timer | None = None
         # A fork server reports exits on one socket instead of a pidfd per child.
         self._exit_events = hasattr(forker, "read_exits")
-        self._events_fd: int | None = None
+        self._events_key: tuple[int, int] | None = None
+        self._restart_forker = False
 
     # -- state -------------------------------------------------------------
 
@@ -295,12 +296,13 @@ class Supervisor:
         forker: Any = self.forker
         if not self._exit_events:
             return
-        fd = forker.events_fileno() if forker.alive() else None
-        if fd == self._events_fd:
+        # Keyed by the server's pid too: a new server's socket may reuse the fd.
+        current = (forker.events_fileno(), forker.pid) if forker.alive() else None
+        if current == self._events_key:
             return
-        if self._events_fd is not None:
-            self._unregister(self._events_fd)
-            self._events_fd = None
+        if self._events_key is not None:
+            self._unregister(self._events_key[0])
+            self._events_key = None
             # The old server is gone, and its children with it (pdeathsig).
             for child in self.running():
                 child.kill_error = child.kill_error or WorkerLostError(
@@ -308,9 +310,10 @@ class Supervisor:
                     f"task's process with it. Job: {child.job.task_id}."
                 )
                 self._conclude(child, SERVER_LOST)
-        if fd is not None:
-            self.selector.register(fd, selectors.EVENT_READ, (self._on_exit_events, None))
-            self._events_fd = fd
+        if current is not None:
+            self._unregister(current[0])  # a stale key for a reused fd number
+            self.selector.register(current[0], selectors.EVENT_READ, (self._on_exit_events, None))
+            self._events_key = current
 
     def _on_exit_events(self, _: Any) -> None:
         for pid, code in self.forker.read_exits():  # type: ignore[attr-defined]
@@ -329,7 +332,22 @@ class Supervisor:
         if not job.finished:
             self._settle(job, protocol.decode_report(bytes(child.report)), child, code)
         self.on_job_done(job)
+        self._maybe_restart_forker()
         self.fill_slots()
+
+    def restart_forker(self) -> None:
+        """``pool_restart``: a fresh fork server, once no child needs the old one."""
+        self._restart_forker = hasattr(self.forker, "close")
+        self._maybe_restart_forker()
+
+    def _maybe_restart_forker(self) -> None:
+        # Closing the old server ends its children (pdeathsig): wait for idle.
+        if self._restart_forker and not self.children:
+            self._restart_forker = False
+            if self._events_key is not None:
+                self._unregister(self._events_key[0])
+                self._events_key = None
+            self.forker.close()  # type: ignore[attr-defined]
 
     def _settle(self, job: Job, report: Any, child: Child, code: int) -> None:
         if report is not None and report[0] == protocol.OUTCOME:

@@ -107,8 +107,14 @@ class TaskPool(BasePool):
         self._driver = None
 
     def restart(self) -> None:
-        # Each task forks from the master anew: reloaded modules apply at once.
-        logger.info("forkguard: pool_restart needs no child restarts")
+        """``pool_restart``: children fork from the reloaded worker from now on.
+
+        With the fork server, a new server (a copy of the reloaded worker)
+        replaces the old one as soon as no task is running; without it,
+        children fork from the worker itself and see the reload at once.
+        """
+        if self._driver is not None and self._supervisor is not None:
+            self._driver.call(self._supervisor.restart_forker)
 
     # -- tasks ---------------------------------------------------------------------
 
