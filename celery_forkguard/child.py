@@ -104,6 +104,9 @@ def install_child_signals() -> None:
     signal.set_wakeup_fd(-1)
     for signum in fasthooks.python_handled_signals():
         fasthooks.set_handler(signum, signal.SIG_DFL)
+    # The fork server ignores these; a task (and what it execs) gets the defaults.
+    for signum in fasthooks.OPERATOR_SIGNALS:
+        fasthooks.set_handler(signum, signal.SIG_DFL)
     # The worker decides about Ctrl-C; the task never sees it.
     fasthooks.set_handler(signal.SIGINT, signal.SIG_IGN)
     fasthooks.set_handler(signal.SIGTERM, _raise_term)

@@ -18,6 +18,15 @@ from typing import Any, Callable
 ALL_SIGNALS: frozenset[int] = frozenset(int(s) for s in signal.valid_signals())
 PR_SET_PDEATHSIG = 1
 
+#: Signals operators send a worker: the fork server ignores them (they reach
+#: the whole process group), and children put them back to their defaults.
+OPERATOR_SIGNALS: tuple[int, ...] = tuple(
+    int(getattr(signal, name)) for name in (
+        "SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
+        "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGWINCH",
+    ) if hasattr(signal, name)
+)
+
 _prctl: Callable[..., int] | None = None
 if sys.platform.startswith("linux"):
     try:

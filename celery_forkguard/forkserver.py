@@ -45,9 +45,6 @@ REQUEST = struct.Struct("!II")  # token, payload length
 EVENT = struct.Struct("!cii")  # kind, a, b
 STARTED, EXITED = b"S", b"X"
 
-#: Signals the server ignores: meant for the worker, they reach the whole group.
-SERVER_IGNORES = ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2",
-                  "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGWINCH")
 
 #: How long the worker waits for the server to fork one child.
 SPAWN_TIMEOUT = 10.0
@@ -269,8 +266,9 @@ def _quiet_signals() -> tuple[int, int]:
     signal.set_wakeup_fd(-1)
     for signum in fasthooks.python_handled_signals():
         fasthooks.set_handler(signum, signal.SIG_DFL)
-    for name in SERVER_IGNORES:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # Meant for the worker, they reach the whole process group.
+    for signum in fasthooks.OPERATOR_SIGNALS:
+        fasthooks.set_handler(signum, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
