@@ -32,7 +32,8 @@ class SignalRelay:
 
     def attach(self, hub: Any, call_soon: Callable[[Callable[[], None]], Any]) -> None:
         """Use *hub* if the worker has one, else the consumer's ``call_soon``."""
-        if hub is not None and hub is not self._hub:
+        if hub is not None:
+            # Every (re)start: a reconnect resets the hub, dropping our reader.
             hub.add_reader(self._wake_r, self._on_wake)
         self._hub = hub
         self._call_soon = call_soon

@@ -220,8 +220,14 @@ class Supervisor:
         kill_error: BaseException,
         term_error: BaseException | None = None,
         intent: int = intents.NONE,
+        again: bool = False,
     ) -> None:
-        """KILL now, or TERM and KILL after *term_timeout* seconds (Resque's way)."""
+        """KILL now, or TERM and KILL after *term_timeout* seconds (Resque's way).
+
+        A child already being stopped is left alone unless *again*.
+        """
+        if child.kill_error is not None and not again:
+            return
         if term_timeout is None:
             self.signal_child(child, signal.SIGKILL, kill_error)
             return

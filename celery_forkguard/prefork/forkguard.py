@@ -91,7 +91,7 @@ class TaskPool(BasePool):
     def on_terminate(self) -> None:
         """Cold shutdown: kill the children; record or requeue their tasks."""
         if self._supervisor is not None and self._driver is not None:
-            self.stop_running(stopping.cold_shutdown)
+            self.stop_running(stopping.cold_shutdown, again=True)
             # Jobs never started were never acked: the broker redelivers them.
             self._driver.call(self._supervisor.pending.clear)
             self._driver.drain()
@@ -163,23 +163,29 @@ class TaskPool(BasePool):
         """A snapshot of the running children (safe from any thread)."""
         return self._supervisor.running() if self._supervisor else []
 
-    def stop_running(self, planner: stopping.Planner) -> list[str]:
-        """Stop the running tasks *planner* picks; return their task ids."""
+    def stop_running(self, planner: stopping.Planner, *, again: bool = False) -> list[str]:
+        """Stop the running tasks *planner* picks; return their task ids.
+
+        Children already being stopped are left to that (their KILL is
+        scheduled) unless *again* (a cold shutdown KILLs them now).
+        """
         plans = []
         for child in self.running():
+            if child.kill_error is not None and not again:
+                continue
             plan = planner(child.job)
             if plan is not None:
                 plans.append((child, plan))
         if plans and self._driver is not None:
-            self._driver.call(self._apply_stop_plans, plans)
+            self._driver.call(self._apply_stop_plans, plans, again)
         return [str(child.job.task_id) for child, _ in plans]
 
-    def _apply_stop_plans(self, plans: list[tuple[Child, stopping.StopPlan]]) -> None:
+    def _apply_stop_plans(self, plans: list[tuple[Child, stopping.StopPlan]], again: bool) -> None:
         assert self._supervisor is not None
         for child, plan in plans:
             self._supervisor.stop_child(
                 child, term_timeout=plan.term_timeout, kill_error=plan.kill_error,
-                term_error=plan.term_error, intent=plan.intent,
+                term_error=plan.term_error, intent=plan.intent, again=again,
             )
 
     # -- sizing (pool_grow / pool_shrink / --autoscale) ----------------------------

@@ -1,0 +1,336 @@
+"""The Celery app and tasks that the integration tests' workers run.
+
+Workers start with ``celery -A tests.integration.proj worker -P forkguard``;
+everything that differs between tests comes from environment variables, so
+one module serves every broker and every test:
+
+``FORKGUARD_IT_BROKER``
+    broker URL (default: Redis DB 10).
+``FORKGUARD_IT_BACKEND``
+    result backend URL (default: Redis DB 11).
+``FORKGUARD_IT_EVIDENCE``
+    Redis URL where tasks and signal handlers leave evidence (default: the
+    result backend's Redis, DB 11).  Keys are ``fgit:<task id>`` (a hash)
+    and ``fgit:<task id>:events`` (a list), so they never clash.
+``FORKGUARD_IT_QUEUE``
+    ``task_default_queue``: each worker consumes its own uuid-named queue.
+``FORKGUARD_IT_FS_DIR``
+    data folder of the ``filesystem://`` transport, when that is the broker.
+
+Task names are spelled out (``tests.integration.proj.<name>``) so that the
+test process, which may import this module under another package name,
+sends exactly the names the worker registers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery, Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
+
+TASK_PREFIX = "tests.integration.proj"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/10"
+DEFAULT_BACKEND = "redis://127.0.0.1:6379/11"
+EVIDENCE_TTL = 3600
+
+
+def task_name(name: str) -> str:
+    """The registered name of the task called *name* in this module."""
+    return f"{TASK_PREFIX}.{name}"
+
+
+def celery_config(env: Mapping[str, str]) -> dict[str, Any]:
+    """The Celery settings for the environment *env* (worker and client alike)."""
+    backend = env.get("FORKGUARD_IT_BACKEND", DEFAULT_BACKEND)
+    config: dict[str, Any] = {
+        "broker_url": env.get("FORKGUARD_IT_BROKER", DEFAULT_BROKER),
+        "result_backend": backend,
+        "task_default_queue": env.get("FORKGUARD_IT_QUEUE", "forkguard-it"),
+        "task_track_started": True,
+        "result_expires": EVIDENCE_TTL,
+        "result_extended": True,
+        "broker_connection_retry_on_startup": True,
+        # Fail fast in tests instead of retrying a dead broker for minutes.
+        "broker_connection_max_retries": 3,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_prefetch_multiplier": 1,
+    }
+    fs_dir = env.get("FORKGUARD_IT_FS_DIR")
+    if fs_dir:
+        config["broker_transport_options"] = {
+            "data_folder_in": fs_dir,
+            "data_folder_out": fs_dir,
+            "control_folder": os.path.join(fs_dir, "control"),
+            "store_processed": False,
+            # The transport polls its folder; the default second is slow for tests.
+            "polling_interval": 0.1,
+        }
+    return config
+
+
+app = Celery("forkguard_it", set_as_current=False)
+app.conf.update(celery_config(os.environ))
+
+
+# -- evidence -------------------------------------------------------------------
+
+
+class Evidence:
+    """What a task (in its child) leaves in Redis for the test to read."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: redis.Redis | None = None
+        self._pid = 0
+
+    @property
+    def client(self) -> redis.Redis:
+        # One connection per process: a child must not use its parent's socket.
+        if self._client is None or self._pid != os.getpid():
+            self._client = redis.Redis.from_url(self.url, decode_responses=True)
+            self._pid = os.getpid()
+        return self._client
+
+    def record(self, task_id: str, **fields: Any) -> None:
+        key = f"fgit:{task_id}"
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(key, EVIDENCE_TTL)
+        pipe.execute()
+
+    def incr(self, task_id: str, field: str) -> int:
+        key = f"fgit:{task_id}"
+        value = int(self.client.hincrby(key, field, 1))
+        self.client.expire(key, EVIDENCE_TTL)
+        return value
+
+    def push(self, task_id: str, event: str) -> None:
+        key = f"fgit:{task_id}:events"
+        self.client.rpush(key, event)
+        self.client.expire(key, EVIDENCE_TTL)
+
+    def fields(self, task_id: str) -> dict[str, str]:
+        return dict(self.client.hgetall(f"fgit:{task_id}"))
+
+    def events(self, task_id: str) -> list[str]:
+        return list(self.client.lrange(f"fgit:{task_id}:events", 0, -1))
+
+
+evidence = Evidence(os.environ.get("FORKGUARD_IT_EVIDENCE")
+                    or os.environ.get("FORKGUARD_IT_BACKEND", DEFAULT_BACKEND))
+
+#: Module state a task mutates: a fresh fork must always see it pristine.
+STATE: dict[str, int] = {"calls": 0}
+#: Set by worker_process_init to the pid of the process it ran in.
+INIT_PID = 0
+
+
+# -- signal handlers (they run where Celery runs them: mostly in the child) ----------
+
+
+@signals.worker_process_init.connect
+def _remember_init(**_: Any) -> None:
+    global INIT_PID
+    INIT_PID = os.getpid()
+
+
+@signals.task_success.connect
+def _on_success(sender: Task | None = None, **_: Any) -> None:
+    if sender is not None and sender.request.id:
+        evidence.push(sender.request.id, f"success:{os.getpid()}")
+
+
+@signals.task_failure.connect
+def _on_failure(task_id: str | None = None, exception: BaseException | None = None,
+                **_: Any) -> None:
+    if task_id:
+        evidence.push(task_id, f"failure:{type(exception).__name__}:{os.getpid()}")
+
+
+@signals.task_retry.connect
+def _on_retry(request: Any = None, **_: Any) -> None:
+    if request is not None and request.id:
+        evidence.push(request.id, f"retry:{os.getpid()}")
+
+
+# -- tasks -----------------------------------------------------------------------------
+
+
+@app.task(name=task_name("add"))
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(bind=True, name=task_name("mutate_state"))
+def mutate_state(self: Task) -> dict[str, int]:
+    """Bump module state and say what it was before, and who ran it."""
+    seen = STATE["calls"]
+    STATE["calls"] += 1
+    evidence.record(self.request.id, pid=os.getpid(), ppid=os.getppid(), seen=seen)
+    return {"pid": os.getpid(), "ppid": os.getppid(), "seen": seen}
+
+
+@app.task(name=task_name("boom"))
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task(bind=True, name=task_name("retry_until"))
+def retry_until(self: Task, failures: int, max_retries: int) -> int:
+    """Fail the first *failures* attempts through ``self.retry``."""
+    attempt = evidence.incr(self.request.id, "attempts")
+    if attempt <= failures:
+        raise self.retry(exc=RuntimeError(f"attempt {attempt} failed"),
+                         countdown=0, max_retries=max_retries)
+    return attempt
+
+
+def _die_once(task: Task) -> int:
+    """SIGKILL this child on the first delivery; succeed on the next."""
+    delivery = evidence.incr(task.request.id, "deliveries")
+    evidence.record(task.request.id, pid=os.getpid())
+    if delivery == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return delivery
+
+
+@app.task(bind=True, name=task_name("die_once_early_ack"))
+def die_once_early_ack(self: Task) -> int:
+    return _die_once(self)
+
+
+@app.task(bind=True, acks_late=True, name=task_name("die_once_acks_late"))
+def die_once_acks_late(self: Task) -> int:
+    return _die_once(self)
+
+
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True,
+          name=task_name("die_once_requeued"))
+def die_once_requeued(self: Task) -> int:
+    return _die_once(self)
+
+
+@app.task(bind=True, name=task_name("exit_with"))
+def exit_with(self: Task, code: int) -> None:
+    evidence.record(self.request.id, pid=os.getpid())
+    os._exit(code)
+
+
+@app.task(bind=True, name=task_name("segfault"))
+def segfault(self: Task) -> None:
+    evidence.record(self.request.id, pid=os.getpid())
+    ctypes.string_at(0)
+
+
+@app.task(bind=True, name=task_name("sleeper"))
+def sleeper(self: Task, seconds: float) -> str:
+    """Say where it runs, then sleep: the test acts on it meanwhile."""
+    evidence.record(self.request.id, pid=os.getpid(), started=time.time())
+    time.sleep(seconds)
+    evidence.record(self.request.id, finished=time.time())
+    return f"slept {seconds}"
+
+
+def _sleep_through_soft_limits(task: Task, seconds: float) -> str:
+    """Sleep *seconds*, ignoring soft limits: only a hard limit stops it."""
+    evidence.record(task.request.id, pid=os.getpid())
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        except SoftTimeLimitExceeded:
+            evidence.push(task.request.id, "soft-ignored")
+    return "not stopped"
+
+
+def _catch_soft_limit(task: Task, seconds: float) -> str:
+    evidence.record(task.request.id, pid=os.getpid())
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "caught soft limit"
+    return "no soft limit"
+
+
+@app.task(bind=True, time_limit=1, name=task_name("hard_limited"))
+def hard_limited(self: Task, seconds: float) -> str:
+    return _sleep_through_soft_limits(self, seconds)
+
+
+@app.task(bind=True, soft_time_limit=1, time_limit=20, name=task_name("soft_limited"))
+def soft_limited(self: Task, seconds: float) -> str:
+    return _catch_soft_limit(self, seconds)
+
+
+@app.task(bind=True, name=task_name("ignore_soft"))
+def ignore_soft(self: Task, seconds: float) -> str:
+    """For the worker-wide limits: only ``--time-limit`` can stop it."""
+    return _sleep_through_soft_limits(self, seconds)
+
+
+@app.task(bind=True, name=task_name("catch_soft"))
+def catch_soft(self: Task, seconds: float) -> str:
+    """For the worker-wide limits: ``--soft-time-limit`` interrupts it."""
+    return _catch_soft_limit(self, seconds)
+
+
+# -- child hygiene probes ----------------------------------------------------------------
+
+
+def _describe_fds() -> list[dict[str, Any]]:
+    """Every open fd of this process: number, kind and what it points at."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            mode = os.fstat(fd).st_mode
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the fd of the listdir itself, closed by now
+        kind = ("socket" if stat.S_ISSOCK(mode) else "pipe" if stat.S_ISFIFO(mode)
+                else "file" if stat.S_ISREG(mode) else "chr" if stat.S_ISCHR(mode)
+                else "dir" if stat.S_ISDIR(mode) else "other")
+        fds.append({"fd": fd, "kind": kind, "target": target})
+    return fds
+
+
+@app.task(bind=True, track_started=False, name=task_name("probe_child"))
+def probe_child(self: Task) -> dict[str, Any]:
+    """Report the child's set-up, looked at before this task opens anything.
+
+    ``track_started`` is off so the tracer does not connect to the result
+    backend before the body runs: every socket seen here is one the child
+    did not open itself.
+    """
+    report = {
+        "fds": _describe_fds(),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "pgrp": os.getpgrp(),
+        "init_pid": INIT_PID,
+        "random": random.random(),
+        "handlers": {
+            name: _handler_name(signal.getsignal(getattr(signal, name)))
+            for name in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM", "SIGQUIT")
+        },
+    }
+    evidence.record(self.request.id, pid=os.getpid(), init_pid=INIT_PID)
+    return report
+
+
+def _handler_name(handler: Any) -> str:
+    if handler is signal.SIG_DFL:
+        return "SIG_DFL"
+    if handler is signal.SIG_IGN:
+        return "SIG_IGN"
+    return "callable" if callable(handler) else repr(handler)
