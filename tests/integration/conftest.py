@@ -9,10 +9,14 @@ Fixtures
 ``broker`` (session scope)
     A :class:`Broker`, parametrised over ``"redis"``, ``"rabbitmq"`` and
     ``"filesystem"``.  Redis uses DB 10 as broker; every broker stores results
-    (and evidence) in Redis DB 11.  To run a module or a test on fewer
-    brokers, override the parameters indirectly::
+    (and evidence) in Redis DB 11.  The filesystem broker is kombu's transport
+    with atomic message files (``proj.AtomicFilesystemTransport``, registered
+    when ``proj`` is imported: a worker of another app must import it too).
+    To run a module or a test on fewer brokers, override the parameters
+    indirectly::
 
-        pytestmark = pytest.mark.parametrize("broker", HUB_BROKERS, indirect=True)
+        pytestmark = pytest.mark.parametrize(
+            "broker", broker_params(*HUB_BROKERS), indirect=True)
 
     A broker that is not reachable skips its tests with the reason, or fails
     them when the environment variable ``CI`` is ``true``.
@@ -190,7 +194,7 @@ def make_broker(name: str, scratch: Path) -> Broker:
     if name == "filesystem":
         folder = scratch / "filesystem-broker"
         (folder / "control").mkdir(parents=True, exist_ok=True)
-        return Broker(name, "filesystem://", fs_dir=str(folder))
+        return Broker(name, f"{proj.FILESYSTEM_SCHEME}://", fs_dir=str(folder))
     raise ValueError(f"unknown broker {name!r}")
 
 
@@ -260,19 +264,13 @@ class Worker:
 
     def ping(self, timeout: float = 0.5) -> bool:
         """Whether the worker answered one ping within *timeout*."""
-        try:
-            replies = self.app.control.ping(destination=[self.hostname], timeout=timeout)
-        except ValueError:
-            return False  # a torn reply file: see _TORN_READS
+        replies = self.app.control.ping(destination=[self.hostname], timeout=timeout)
         return any(self.hostname in reply for reply in replies or ())
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
         """The worker's ``inspect stats`` reply; empty if none came."""
         inspect = self.app.control.inspect(destination=[self.hostname], timeout=timeout)
-        try:
-            return (inspect.stats() or {}).get(self.hostname, {})
-        except ValueError:
-            return {}  # a torn reply file: see _TORN_READS
+        return (inspect.stats() or {}).get(self.hostname, {})
 
     def revoke(self, task_id: str, terminate: bool = False, signal: Optional[str] = None) -> None:
         self.app.control.revoke(task_id, terminate=terminate, signal=signal,
@@ -342,12 +340,6 @@ class Worker:
             # Declaring first tells kombu's Redis channel which bindings to drop.
             queue.declare()
             queue.delete()
-
-
-#: Why ``ping`` and ``stats`` treat a ValueError as "no reply": kombu's filesystem
-#: transport may move a message file away while its writer has created it but
-#: not yet written it, and the reader then fails to decode an empty payload.
-_TORN_READS = "kombu filesystem transport: non-atomic message files"
 
 
 def _signal_group(pgid: int, signum: int) -> None:

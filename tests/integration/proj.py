@@ -15,7 +15,8 @@ one module serves every broker and every test:
 ``FORKGUARD_IT_QUEUE``
     ``task_default_queue``: each worker consumes its own uuid-named queue.
 ``FORKGUARD_IT_FS_DIR``
-    data folder of the ``filesystem://`` transport, when that is the broker.
+    data folder of the filesystem transport, when that is the broker; its URL
+    is then ``forkguard-it-filesystem://`` (see :class:`AtomicFilesystemTransport`).
 
 Task names are spelled out (``tests.integration.proj.<name>``) so that the
 test process, which may import this module under another package name,
@@ -30,17 +31,52 @@ import random
 import signal
 import stat
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import redis
 from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
+from kombu.exceptions import ChannelError
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.json import dumps
 
 TASK_PREFIX = "tests.integration.proj"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/10"
 DEFAULT_BACKEND = "redis://127.0.0.1:6379/11"
 EVIDENCE_TTL = 3600
+
+
+class AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, with message files that appear whole.
+
+    kombu creates a message file under its final name and writes it
+    afterwards; a reader polling the folder (it moves files away without
+    taking the writer's lock) can take the file while it is still empty, and
+    a worker that does so dies of "Unrecoverable error: JSONDecodeError".
+    Writing under a name no queue matches, then renaming, closes that window.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        # Same name scheme as kombu: readers sort on it and match the queue suffix.
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        staging = os.path.join(self.data_folder_out, f"staging-{uuid.uuid4().hex}")
+        try:
+            with open(staging, "wb") as f:
+                f.write(dumps(payload).encode())
+            os.rename(staging, os.path.join(self.data_folder_out, name))
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {name!r} to directory") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    Channel = AtomicFilesystemChannel
+
+
+FILESYSTEM_SCHEME = "forkguard-it-filesystem"
+# kombu calls a callable alias to get the transport class.
+TRANSPORT_ALIASES[FILESYSTEM_SCHEME] = lambda: AtomicFilesystemTransport
 
 
 def task_name(name: str) -> str:

@@ -1,7 +1,7 @@
 """Celery's task semantics under ``-P forkguard``, on real workers and brokers.
 
-Tests run on each broker (Redis, RabbitMQ, and the filesystem transport,
-which the pool drives from a thread instead of the event loop).
+Every test runs on each broker (Redis, RabbitMQ, and the filesystem
+transport, which the pool drives from a thread instead of the event loop).
 Most tests share one worker per broker (``worker``): each test sends its own
 tasks and waits for all of them, so they cannot disturb each other.  Tests
 that need a differently configured worker start their own.
@@ -19,10 +19,8 @@ from celery.result import AsyncResult
 
 from . import proj
 from .conftest import (
-    HUB_BROKERS,
     Worker,
     WorkerFactory,
-    broker_params,
     outcome,
     pid_alive,
     started_pid,
@@ -278,9 +276,6 @@ class EventLog:
                 if all(e.get(k) == v for k, v in match.items())]
 
 
-# Not on the filesystem transport: its readers can lose a message whose file is
-# still being written (see conftest._TORN_READS), and every event is a message.
-@pytest.mark.parametrize("broker", broker_params(*HUB_BROKERS), indirect=True)
 def test_task_events_are_sent(worker: Worker) -> None:
     with EventLog(worker.app) as log:
         # Events are live only once our worker's heartbeats come through.
