@@ -106,14 +106,14 @@ class Controller:
     def resume(self, why: str) -> bool:
         if not self.paused or self.shutting_down:
             return False
-        self.paused = False
         c = self.consumer
+        if c.task_consumer is not None:
+            c.task_consumer.consume()  # if this fails, the worker stays paused
+        self.paused = False
         if self._saved_on_task_request is not None:
             c.on_task_request = self._saved_on_task_request
             self._saved_on_task_request = None
             c.update_strategies()
-        if c.task_consumer is not None:
-            c.task_consumer.consume()
         if self._title_before_pause is not None:
             titles.set_title(self._title_before_pause)
         logger.warning("forkguard: resumed by %s", why)
