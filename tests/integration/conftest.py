@@ -224,7 +224,7 @@ def evidence() -> proj.Evidence:
     problem = _redis_problem()
     if problem:
         require_service(problem)
-    return proj.Evidence(REDIS_RESULTS_URL)
+    return proj.Evidence(REDIS_RESULTS_URL, "fgit")
 
 
 # -- workers --------------------------------------------------------------------------------

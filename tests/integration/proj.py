@@ -35,17 +35,17 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps
 
+from tests.integration.evidence import EVIDENCE_TTL, Evidence
+
 TASK_PREFIX = "tests.integration.proj"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/10"
 DEFAULT_BACKEND = "redis://127.0.0.1:6379/11"
-EVIDENCE_TTL = 3600
 
 
 class AtomicFilesystemChannel(filesystem.Channel):
@@ -121,49 +121,11 @@ app.conf.update(celery_config(os.environ))
 # -- evidence -------------------------------------------------------------------
 
 
-class Evidence:
-    """What a task (in its child) leaves in Redis for the test to read."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._client: redis.Redis | None = None
-        self._pid = 0
-
-    @property
-    def client(self) -> redis.Redis:
-        # One connection per process: a child must not use its parent's socket.
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(self.url, decode_responses=True)
-            self._pid = os.getpid()
-        return self._client
-
-    def record(self, task_id: str, **fields: Any) -> None:
-        key = f"fgit:{task_id}"
-        pipe = self.client.pipeline()
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.expire(key, EVIDENCE_TTL)
-        pipe.execute()
-
-    def incr(self, task_id: str, field: str) -> int:
-        key = f"fgit:{task_id}"
-        value = int(self.client.hincrby(key, field, 1))
-        self.client.expire(key, EVIDENCE_TTL)
-        return value
-
-    def push(self, task_id: str, event: str) -> None:
-        key = f"fgit:{task_id}:events"
-        self.client.rpush(key, event)
-        self.client.expire(key, EVIDENCE_TTL)
-
-    def fields(self, task_id: str) -> dict[str, str]:
-        return dict(self.client.hgetall(f"fgit:{task_id}"))
-
-    def events(self, task_id: str) -> list[str]:
-        return list(self.client.lrange(f"fgit:{task_id}:events", 0, -1))
-
-
-evidence = Evidence(os.environ.get("FORKGUARD_IT_EVIDENCE")
-                    or os.environ.get("FORKGUARD_IT_BACKEND", DEFAULT_BACKEND))
+evidence = Evidence(
+    os.environ.get("FORKGUARD_IT_EVIDENCE")
+    or os.environ.get("FORKGUARD_IT_BACKEND", DEFAULT_BACKEND),
+    "fgit",
+)
 
 #: Module state a task mutates: a fresh fork must always see it pristine.
 STATE: dict[str, int] = {"calls": 0}

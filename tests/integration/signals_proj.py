@@ -27,15 +27,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Celery, Task
 
 from celery_forkguard.exceptions import TermException
+from tests.integration.evidence import EVIDENCE_TTL
+from tests.integration.evidence import Evidence as BaseEvidence
 
 TASK_PREFIX = "tests.integration.signals_proj"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/8"
 DEFAULT_BACKEND = "redis://127.0.0.1:6379/9"
-EVIDENCE_TTL = 3600
 #: How long a held task waits for its gate before it gives up (it then says so).
 HOLD_LIMIT = 90.0
 GATE_POLL = 0.02
@@ -73,37 +73,8 @@ app.conf.update(celery_config(os.environ))
 # -- evidence and gates ---------------------------------------------------------------
 
 
-class Evidence:
-    """Where tasks (in their children) and tests meet, in Redis."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._client: redis.Redis | None = None
-        self._pid = 0
-
-    @property
-    def client(self) -> redis.Redis:
-        # One connection per process: a child must not use its parent's socket.
-        if self._client is None or self._pid != os.getpid():
-            self._client = redis.Redis.from_url(self.url, decode_responses=True)
-            self._pid = os.getpid()
-        return self._client
-
-    def record(self, task_id: str, **fields: Any) -> None:
-        key = f"fgsig:{task_id}"
-        pipe = self.client.pipeline()
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.expire(key, EVIDENCE_TTL)
-        pipe.execute()
-
-    def incr(self, task_id: str, field: str) -> int:
-        key = f"fgsig:{task_id}"
-        value = int(self.client.hincrby(key, field, 1))
-        self.client.expire(key, EVIDENCE_TTL)
-        return value
-
-    def fields(self, task_id: str) -> dict[str, str]:
-        return dict(self.client.hgetall(f"fgsig:{task_id}"))
+class Evidence(BaseEvidence):
+    """Where tasks (in their children) and tests meet, in Redis: evidence and gates."""
 
     def open_gate(self, gate: str) -> None:
         self.client.set(f"fgsig:gate:{gate}", "open", ex=EVIDENCE_TTL)
@@ -120,7 +91,7 @@ class Evidence:
         return True
 
 
-evidence = Evidence(os.environ.get("FORKGUARD_SIG_BACKEND", DEFAULT_BACKEND))
+evidence = Evidence(os.environ.get("FORKGUARD_SIG_BACKEND", DEFAULT_BACKEND), "fgsig")
 
 
 def _started(task: Task) -> int:

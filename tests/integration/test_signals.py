@@ -47,7 +47,7 @@ from .conftest import (
 SIG_BROKER_URL = "redis://127.0.0.1:6379/8"
 SIG_BACKEND_URL = "redis://127.0.0.1:6379/9"
 APP_MODULE = "tests.integration.signals_proj"
-EVIDENCE = signals_proj.Evidence(SIG_BACKEND_URL)
+EVIDENCE = signals_proj.Evidence(SIG_BACKEND_URL, "fgsig")
 #: The test's own client of the Redis broker (it connects when first used).
 BROKER_REDIS = redis.Redis.from_url(SIG_BROKER_URL, decode_responses=True)
 #: Room for a loaded two-core machine on top of what a test waits for.
