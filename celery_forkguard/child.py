@@ -25,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_forkguard import fasthooks, intents, protocol, titles
 from celery_forkguard.exceptions import TermException, TermRequeue
+from celery_forkguard.jobs import exception_info
 
 if TYPE_CHECKING:
     from celery_forkguard.jobs import Job
@@ -68,13 +69,13 @@ def _run(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> int:
     try:
         prepare_child(ctx, job, report_fd, saved_mask)
     except Exception as exc:
-        _report(report_fd, protocol.ERROR, _einfo(exc))
+        _report(report_fd, protocol.ERROR, exception_info(exc))
         return EXIT_SETUP_FAILED
     try:
         outcome = job.target(*job.args, **job.kwargs)
     except Exception as exc:
         # The tracer itself failed (unknown task, undecodable body, ...).
-        _report(report_fd, protocol.ERROR, _einfo(exc))
+        _report(report_fd, protocol.ERROR, exception_info(exc))
         return EXIT_OK
     _report(report_fd, protocol.OUTCOME, outcome)
     return EXIT_OK
@@ -181,12 +182,6 @@ def _report(report_fd: int, kind: str, payload: Any) -> None:
     while data:
         written = os.write(report_fd, data)
         data = data[written:]
-
-
-def _einfo(exc: BaseException) -> Any:
-    from celery_forkguard.jobs import exception_info
-
-    return exception_info(exc)
 
 
 def _print_exception() -> None:

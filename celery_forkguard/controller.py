@@ -195,15 +195,7 @@ class Controller:
             "paused": self.paused,
             "shutting_down": self.shutting_down,
             "concurrency": self.pool.num_processes,
-            "running": [
-                {
-                    "pid": child.pid,
-                    "task_id": child.job.task_id,
-                    "name": child.job.task_name,
-                    "runtime": round(now - (child.job.started or now), 3),
-                }
-                for child in self.pool.running()
-            ],
+            "running": [child.describe(now) for child in self.pool.running()],
             "killed": dict(self.killed),
             "handed_back": self.handed_back,
             "term_child": self.settings.term_child,

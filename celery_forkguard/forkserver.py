@@ -35,11 +35,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery_forkguard import fasthooks
-from celery_forkguard.forking import ChildProcess, flush_stdio
+from celery_forkguard.forking import ChildProcess, Forker, flush_stdio
+from celery_forkguard.jobs import Job
 
 if TYPE_CHECKING:
     from celery_forkguard.child import ChildContext
-    from celery_forkguard.jobs import Job
 
 REQUEST = struct.Struct("!II")  # token, payload length
 EVENT = struct.Struct("!cii")  # kind, a, b
@@ -213,17 +213,12 @@ class ForkServer:
     def reap(pid: int) -> int | None:
         return None  # the server reaps; exits arrive through read_exits()
 
-    @staticmethod
-    def kill(pid: int, signum: int, group: bool = False) -> bool:
-        from celery_forkguard.forking import Forker
-
-        return Forker.kill(pid, signum, group)
+    # The server's children are signalled directly, as the worker's own would be.
+    kill = staticmethod(Forker.kill)
 
 
-def _job_for_child(job: Job) -> Any:
+def _job_for_child(job: Job) -> Job:
     """What the child needs of a job: the callbacks stay with the worker."""
-    from celery_forkguard.jobs import Job
-
     child_job = Job(job.target, job.args, job.kwargs, correlation_id=job.task_id)
     child_job.task_name = job.task_name
     return child_job

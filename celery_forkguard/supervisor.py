@@ -54,6 +54,17 @@ class Child:
     def pid(self) -> int:
         return self.process.pid
 
+    def describe(self, now: float) -> dict[str, Any]:
+        """What ``inspect stats`` and ``forkguard_status`` show of a running child."""
+        job = self.job
+        return {
+            "pid": self.pid,
+            "task_id": job.task_id,
+            "name": job.task_name,
+            "runtime": round(now - (job.started or now), 3),
+            "started": job.started_wall,
+        }
+
 
 class Supervisor:
     """Starts at most ``limit`` children and turns each exit into an outcome."""

@@ -223,16 +223,7 @@ class TaskPool(BasePool):
             "max-tasks-per-child": 1,
             "put-guarded-by-semaphore": self.putlocks,
             "timeouts": (self.soft_timeout or 0, self.timeout or 0),
-            "children": [
-                {
-                    "pid": child.pid,
-                    "task_id": child.job.task_id,
-                    "name": child.job.task_name,
-                    "runtime": round(now - (child.job.started or now), 3),
-                    "started": child.job.started_wall,
-                }
-                for child in running
-            ],
+            "children": [child.describe(now) for child in running],
             "queued": len(supervisor.pending) if supervisor else 0,
             "counts": dict(supervisor.counts) if supervisor else {},
         })
