@@ -18,6 +18,7 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from billiard import process as billiard_process
 from billiard import util as billiard_util
 from celery import signals
 from celery._state import _set_task_join_will_block
@@ -26,15 +27,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery_forkguard import fasthooks, intents, protocol, titles
 from celery_forkguard.exceptions import TermException, TermRequeue
 from celery_forkguard.jobs import exception_info
+from celery_forkguard.outcomes import (
+    EXIT_CRASHED,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    EXIT_REPORT_LOST,
+    EXIT_SETUP_FAILED,
+)
 
 if TYPE_CHECKING:
     from celery_forkguard.jobs import Job
-
-#: Named exit codes: the child-to-master protocol when there is no report.
-EXIT_OK = 0
-EXIT_SETUP_FAILED = 70
-EXIT_CRASHED = 71
-EXIT_ORPHANED = 72
 
 #: The signal the master sends for a soft time limit (as billiard does).
 SOFT_TIMEOUT_SIGNAL = signal.SIGUSR1
@@ -75,9 +77,15 @@ def _run(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> int:
         outcome = job.target(*job.args, **job.kwargs)
     except Exception as exc:
         # The tracer itself failed (unknown task, undecodable body, ...).
-        _report(report_fd, protocol.ERROR, exception_info(exc))
-        return EXIT_OK
-    _report(report_fd, protocol.OUTCOME, outcome)
+        kind, payload = protocol.ERROR, exception_info(exc)
+    else:
+        kind, payload = protocol.OUTCOME, outcome
+    try:
+        _report(report_fd, kind, payload)
+    except OSError as exc:
+        # The task closed or replaced our pipe: say so, the worker explains the code.
+        _print_line(f"forkguard: could not send the task's outcome to the worker: {exc}")
+        return EXIT_REPORT_LOST
     return EXIT_OK
 
 
@@ -93,11 +101,23 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
     fasthooks.restore_signal_mask(saved_mask)
     _die_with_parent(ctx)
     detach_inherited_fds(keep={report_fd})
+    # A task writes no other child's intent (a stray write faults here instead).
+    intents.shared().make_read_only()
+    name_process(job.slot)
     # kombu, Celery and the result backends drop inherited connections here.
     billiard_util._run_after_forkers()
     _set_task_join_will_block(True)
     titles.set_child_title(ctx.hostname, job)
     signals.worker_process_init.send(sender=ctx.hostname)
+
+
+def name_process(slot: int) -> None:
+    """``ForkPoolWorker-N`` in log records, as prefork's pool processes are named."""
+    name = f"ForkPoolWorker-{slot or 1}"
+    billiard_process.current_process().name = name
+    stdlib_mp = sys.modules.get("multiprocessing")
+    if stdlib_mp is not None:  # where logging reads %(processName)s from
+        stdlib_mp.current_process().name = name
 
 
 def install_child_signals() -> None:
@@ -182,6 +202,11 @@ def _report(report_fd: int, kind: str, payload: Any) -> None:
     while data:
         written = os.write(report_fd, data)
         data = data[written:]
+
+
+def _print_line(line: str) -> None:
+    with contextlib.suppress(Exception):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _print_exception() -> None:

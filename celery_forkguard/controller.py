@@ -133,8 +133,19 @@ class Controller:
         c.update_strategies()
 
     def _hand_back_reserved(self) -> int:
+        """Hand back every prefetched request the pool will not run.
+
+        Jobs queued in the pool for a slot are taken out of it first; what
+        the pool still holds (being forked or running) stays with it: a
+        request is either run here or handed back, never both.
+        """
+        self.pool.withdraw_queued()
+        held = self.pool.held_task_ids()
         active = set(worker_state.active_requests)
-        waiting = [r for r in list(worker_state.reserved_requests) if r not in active]
+        waiting = [
+            r for r in list(worker_state.reserved_requests)
+            if r not in active and str(r.id) not in held
+        ]
         for request in waiting:
             # Skip it when the semaphore later offers it to the pool.
             request._already_revoked = True

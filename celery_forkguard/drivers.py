@@ -26,6 +26,8 @@ logger = get_logger(__name__)
 
 #: The longest a drain loop sleeps between two looks at the hub's timers.
 DRAIN_TICK = 0.5
+#: How long a call from another thread waits for the supervisor's thread.
+CALL_SYNC_TIMEOUT = 30.0
 
 
 class HubDriver:
@@ -45,6 +47,11 @@ class HubDriver:
     def call(self, fun: Callable[..., Any], *args: Any) -> None:
         fun(*args)
         self._arm()
+
+    def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
+        result = fun(*args)
+        self._arm()
+        return result
 
     def _on_ready(self) -> None:
         self.supervisor.poll(0)
@@ -161,7 +168,30 @@ class ThreadDriver:
         with contextlib.suppress(BlockingIOError):  # already awake
             os.write(self._wake_w, b"x")
 
-    def _on_wake(self, _: Any) -> None:
+    def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
+        """Run *fun* in the supervisor's thread and return what it returns."""
+        if threading.current_thread() is self._thread:
+            return fun(*args)
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fun(*args)))
+            except BaseException as exc:
+                box.append((False, exc))
+            finally:
+                done.set()
+
+        self.call(run)
+        if not done.wait(CALL_SYNC_TIMEOUT):
+            raise TimeoutError(f"forkguard: the supervisor thread did not run {fun!r}")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def _on_wake(self, _: Any, mask: int = 0) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass

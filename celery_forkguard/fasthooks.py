@@ -28,11 +28,15 @@ OPERATOR_SIGNALS: tuple[int, ...] = tuple(
 )
 
 _prctl: Callable[..., int] | None = None
-if sys.platform.startswith("linux"):
-    try:
-        _prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover
-        _prctl = None
+_mprotect: Callable[..., int] | None = None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _mprotect = _libc.mprotect
+    _mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if sys.platform.startswith("linux"):
+        _prctl = _libc.prctl
+except (OSError, AttributeError):  # pragma: no cover
+    pass
 
 
 def block_all_signals() -> Any:
@@ -69,3 +73,10 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
     """Ask the kernel to send *signum* when our parent dies (Linux only)."""
     if _prctl is not None:
         _prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+def protect_read_only(address: int, length: int) -> bool:
+    """Make a page-aligned mapping read-only in this process (mprotect)."""
+    if _mprotect is None:
+        return False
+    return _mprotect(address, length, 1) == 0  # PROT_READ

@@ -1,14 +1,20 @@
-"""Fork a child for one job, and reap it, without ever blocking the master."""
+"""The worker forks each child itself (``forkguard_fork_server = False``).
+
+``fork()`` then runs in the worker's loop; exits are watched through one
+pidfd per child, gathered in an epoll set whose fd is the one the
+supervisor watches (Linux 5.3+), or polled on a timer elsewhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 from celery_forkguard import fasthooks
+from celery_forkguard.spawning import EXITED, STARTED, Event
 
 if TYPE_CHECKING:
     from celery_forkguard.jobs import Job
@@ -21,25 +27,6 @@ UNKNOWN_EXIT = 255
 _pidfd_open: Optional[Callable[[int], int]] = getattr(os, "pidfd_open", None)
 
 
-@dataclass
-class ChildProcess:
-    """The master's view of one forked child."""
-
-    pid: int
-    report_fd: int
-    exit_fd: int | None  # a pidfd: readable once the child has exited
-
-
-class Spawner(Protocol):
-    """What the supervisor needs of whatever forks its children."""
-
-    def spawn(self, job: Job) -> ChildProcess: ...
-
-    def reap(self, pid: int) -> int | None: ...
-
-    def kill(self, pid: int, signum: int, group: bool = False) -> bool: ...
-
-
 class Forker:
     """Forks children with every signal blocked across the fork.
 
@@ -48,60 +35,131 @@ class Forker:
     after, and so does the child once its own handlers are in place.
     """
 
+    pid = 0
+    renewable = False
+    gone: Optional[str] = None
+
     def __init__(self, child_main: ChildMain) -> None:
         self.child_main = child_main
+        self._events: list[Event] = []
+        self._children: dict[int, Optional[int]] = {}  # pid -> pidfd
+        self._epoll = select.epoll() if _pidfd_open is not None else None
 
-    def spawn(self, job: Job) -> ChildProcess:
-        read_fd, write_fd = os.pipe()  # both ends close-on-exec (PEP 446)
+    def fileno(self) -> Optional[int]:
+        return self._epoll.fileno() if self._epoll is not None else None
+
+    def request(self, token: int, job: Job, report_fd: int, slot: int) -> None:
+        job.slot = slot
+        try:
+            pid = self._fork(job, report_fd)
+        except OSError as exc:
+            self._events.append(Event(STARTED, token, -(exc.errno or 1)))
+            return
+        finally:
+            os.close(report_fd)
+        self._children[pid] = pidfd = _open_pidfd(pid)
+        if pidfd is not None and self._epoll is not None:
+            self._epoll.register(pidfd, select.EPOLLIN)
+        self._events.append(Event(STARTED, token, pid))
+
+    def _fork(self, job: Job, report_fd: int) -> int:
         flush_stdio()
         saved_mask = fasthooks.block_all_signals()
         try:
             pid = os.fork()
         except BaseException:
             fasthooks.restore_signal_mask(saved_mask)
-            os.close(read_fd)
-            os.close(write_fd)
             raise
         if pid == 0:  # pragma: no cover - runs in the child
             try:
-                os.close(read_fd)
-                self.child_main(job, write_fd, saved_mask)
+                self.child_main(job, report_fd, saved_mask)
             finally:
                 os._exit(71)
         fasthooks.restore_signal_mask(saved_mask)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        return ChildProcess(pid, read_fd, _open_exit_fd(pid))
+        return pid
 
-    @staticmethod
-    def reap(pid: int) -> int | None:
-        """The child's exit code (negative for a signal), or None if it still runs."""
-        try:
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            # Reaped elsewhere (a handler of the user's?): the status is gone.
-            return UNKNOWN_EXIT
-        if wpid == 0:
-            return None
-        return os.waitstatus_to_exitcode(status)
+    def events(self) -> list[Event]:
+        for pid in self._exited_pids():
+            code = reap(pid)
+            if code is not None:
+                pidfd = self._children.pop(pid)
+                if pidfd is not None:
+                    self._unwatch(pidfd)
+                self._events.append(Event(EXITED, pid, code))
+        events, self._events = self._events, []
+        return events
 
-    @staticmethod
-    def kill(pid: int, signum: int, group: bool = False) -> bool:
-        """Send *signum* to the child (or its whole process group)."""
-        if group:
-            try:
-                os.killpg(pid, signum)
-                return True
-            except OSError:
-                pass  # not yet its own group leader: signal the child alone
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            return False
+    def _exited_pids(self) -> list[int]:
+        if self._epoll is None:
+            return list(self._children)  # no pidfds: try each one
+        ready = {fd for fd, _ in self._epoll.poll(0)}
+        return [pid for pid, pidfd in self._children.items() if pidfd is None or pidfd in ready]
+
+    def _unwatch(self, pidfd: int) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(pidfd)
+        os.close(pidfd)
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self._events)  # a fork here answers at once
+
+    def wants_write(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+    def kill(self, pid: int, signum: int, group: bool = False) -> bool:
+        return signal_process(pid, signum, group)
+
+    def freeze(self) -> Optional[set[int]]:
+        return None
+
+    def kill_server(self) -> None:
+        pass
+
+    def reap_server(self, block: bool = False) -> bool:
         return True
 
+    def close(self) -> None:
+        for pidfd in self._children.values():
+            if pidfd is not None:
+                self._unwatch(pidfd)
+        self._children.clear()
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
-def _open_exit_fd(pid: int) -> int | None:
+
+def reap(pid: int) -> int | None:
+    """The child's exit code (negative for a signal), or None if it still runs."""
+    try:
+        wpid, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        # Reaped elsewhere (a handler of the user's?): the status is gone.
+        return UNKNOWN_EXIT
+    if wpid == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def signal_process(pid: int, signum: int, group: bool = False) -> bool:
+    """Send *signum* to a child (or its whole process group)."""
+    if group:
+        try:
+            os.killpg(pid, signum)
+            return True
+        except OSError:
+            pass  # not yet its own group leader: signal the child alone
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        return False
+    return True
+
+
+def _open_pidfd(pid: int) -> int | None:
     if _pidfd_open is None:
         return None
     try:

@@ -12,7 +12,10 @@ pages of pids in use are ever touched.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+
+from celery_forkguard import fasthooks
 
 NONE = 0
 REVOKE = 1  # revoke(terminate=True): die of the signal
@@ -44,10 +47,20 @@ class Intents:
     def __init__(self, size: int | None = None) -> None:
         self._size = size or _pid_limit()
         self._map = mmap.mmap(-1, self._size)
+        # Taken once, in the master; this export keeps the map open for good.
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._read_only = False
 
     def set(self, pid: int, intent: int) -> None:
+        if self._read_only:
+            raise PermissionError("only the worker writes forkguard's intents")
         if 0 < pid < self._size:
             self._map[pid] = intent
+
+    def make_read_only(self) -> None:
+        """In a child: the table can be read, and a stray write faults."""
+        self._read_only = True
+        fasthooks.protect_read_only(self._address, self._size)
 
     def get(self, pid: int) -> int:
         return self._map[pid] if 0 < pid < self._size else NONE

@@ -65,6 +65,8 @@ class Job:
         #: Whether the task acks late: decides requeue vs failure on a kill.
         self.acks_late = False
         self.on_terminate: Callable[[Job, int], None] | None = None
+        #: The slot (1..limit) its child ran in: the child's ForkPoolWorker-N.
+        self.slot = 0
 
     def __repr__(self) -> str:
         return f"<Job {self.task_name}[{self.task_id}] pid={self.pid}>"

@@ -84,6 +84,13 @@ SETTINGS = (
         "copy-on-write faults off the worker's event loop.",
     ),
     Setting(
+        "forkguard_fork_server_timeout", 10.0, parse_interval,
+        ("FORKGUARD_FORK_SERVER_TIMEOUT",),
+        "Seconds the fork server may leave a request for a child unanswered (or a "
+        "child's exit unreported) before the worker kills it with its children, "
+        "records their tasks as lost, and starts a new one.",
+    ),
+    Setting(
         "forkguard_memory_check_interval", 0.5, parse_interval,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
@@ -99,6 +106,7 @@ class ForkguardSettings:
     pre_shutdown_timeout: float = 0.0
     memory_check_interval: float = 0.5
     fork_server: bool = True
+    fork_server_timeout: float = 10.0
 
 
 def load_settings(

@@ -1,8 +1,12 @@
-"""The pool's bookkeeping: slots, running children, limits, and outcomes.
+"""The pool's bookkeeping: slots, the queue, and every child's way to its outcome.
 
 Single-threaded and loop-agnostic: a driver (``drivers.py``) calls
 :meth:`Supervisor.poll` when the supervisor's selector is readable or a timer
-is due.  Every wait is a selector or a timer; nothing here blocks on a child.
+is due.  Nothing here blocks on a child.  Reading (a report pipe, the fork
+server's socket) only *records* what happened on the child's state machine
+(``lifecycle.py``); :meth:`Supervisor.advance` then accepts, settles and
+refills in one place, whatever call read the events and in whatever order
+they came.
 """
 
 from __future__ import annotations
@@ -14,91 +18,82 @@ import selectors
 import signal
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Optional
+from typing import Callable
 
-from billiard.common import human_status
-from billiard.exceptions import Terminated, WorkerLostError
+from billiard.exceptions import Terminated
 from celery.utils.log import get_logger
 
-from celery_forkguard import intents, protocol
-from celery_forkguard.exceptions import ForkError, MemoryLimitExceeded
-from celery_forkguard.forking import ChildProcess, Spawner
+from celery_forkguard import intents, outcomes, protocol
+from celery_forkguard.exceptions import ForkError
+from celery_forkguard.forkserver_client import process_state
 from celery_forkguard.jobs import Job
-from celery_forkguard.timers import Timer, TimerHeap
+from celery_forkguard.kills import Kills
+from celery_forkguard.lifecycle import Child
+from celery_forkguard.spawning import EXITED, STARTED, Event, Spawner
+from celery_forkguard.timers import TimerHeap
 
 logger = get_logger(__name__)
 
-#: How often a child without a pidfd (non-Linux) is checked for exit.
-EXIT_POLL_INTERVAL = 0.01
-#: Back-off between attempts to fork when the system refuses (EAGAIN, ENOMEM).
-FORK_RETRY_DELAYS = (0.1, 0.5, 2.0)
 READ_CHUNK = 65536
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-#: Exit code recorded for children whose fork server died.
+#: Exit code recorded for children whose fork server was lost.
 SERVER_LOST = 255
+#: How long the loop waits, right after asking, for the fork server to say a
+#: child started: a fork takes a few ms, and answering in the same wake-up
+#: saves the loop one.  Past it the answer is read whenever it comes.
+START_WAIT = 0.05
+#: Default for how long a fork server may leave a request unanswered.
+SPAWN_TIMEOUT = 10.0
+#: Back-off between attempts to fork when the system refuses (EAGAIN, ENOMEM).
+FORK_RETRY_FIRST, FORK_RETRY_MAX = 0.1, 5.0
+#: How often a fork shortage is logged again while it lasts.
+FORK_SHORTAGE_LOG_EVERY = 30.0
+#: How long a lost server's children may take to close their report pipes.
+LOST_GRACE = 5.0
+REAP_INTERVAL = 0.01
+#: How often children are looked for when the platform has no pidfds.
+EXIT_POLL_INTERVAL = 0.01
 
 
-class Child:
-    """A running child and what the master knows of it."""
-
-    __slots__ = ("job", "kill_error", "process", "report", "timers")
-
-    def __init__(self, process: ChildProcess, job: Job) -> None:
-        self.process = process
-        self.job = job
-        self.report = bytearray()
-        self.timers: list[Timer] = []
-        self.kill_error: Optional[BaseException] = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def describe(self, now: float) -> dict[str, Any]:
-        """What ``inspect stats`` and ``forkguard_status`` show of a running child."""
-        job = self.job
-        return {
-            "pid": self.pid,
-            "task_id": job.task_id,
-            "name": job.task_name,
-            "runtime": round(now - (job.started or now), 3),
-            "started": job.started_wall,
-        }
-
-
-class Supervisor:
-    """Starts at most ``limit`` children and turns each exit into an outcome."""
+class Supervisor(Kills):
+    """Starts at most ``limit`` children and turns each one's end into an outcome."""
 
     def __init__(
         self,
-        forker: Spawner,
+        make_spawner: Callable[[], Spawner],
         limit: int,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_job_done: Callable[[Job], None] | None = None,
         selector: selectors.BaseSelector | None = None,
+        spawn_timeout: float = SPAWN_TIMEOUT,
     ) -> None:
-        self.forker = forker
+        self.make_spawner = make_spawner
         self.limit = max(1, limit)
         self.clock = clock
         self.timers = TimerHeap(clock)
         self.selector = selector or selectors.DefaultSelector()
+        self.spawn_timeout = spawn_timeout
+        #: Slot occupants by request token, from request to settlement.
         self.children: dict[int, Child] = {}
+        self._by_pid: dict[tuple[int, int], Child] = {}
         self.pending: deque[Job] = deque()
         self.on_job_done = on_job_done or (lambda job: None)
         self.counts: Counter[str] = Counter()
+        self._token = 0
+        self._spawner_masks: dict[Spawner, int] = {}
+        self._early_exits: dict[tuple[int, int], int] = {}
+        self._advancing = False
+        self._again = False
         self._fork_blocked_until = 0.0
-        self._fork_failures = 0
-        #: worker_max_memory_per_child, in kB (None: no guard).
-        self.memory_limit_kb: int | None = None
-        self.memory_check_interval = 0.5
-        self._memory_timer: Timer | None = None
-        # A fork server reports exits on one socket instead of a pidfd per child.
-        self._exit_events = hasattr(forker, "read_exits")
-        self._events_key: tuple[int, int] | None = None
-        self._restart_forker = False
+        self._fork_delay = 0.0
+        self._shortage_since: float | None = None
+        self._shortage_logged = 0.0
+        self._init_kills()
+        self.spawner: Spawner | None = None
+        # At start a fork server that cannot be made stops the worker, saying why.
+        self._watch_new_spawner(make_spawner())
 
-    # -- state -------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------
 
     def fileno(self) -> int:
         # epoll/kqueue selectors are themselves pollable: the hub watches this one fd.
@@ -108,184 +103,86 @@ class Supervisor:
         return bool(self.children or self.pending)
 
     def running(self) -> list[Child]:
+        """Children that have a process (forked, not yet settled)."""
+        return [child for child in self.children.values() if child.pid is not None]
+
+    def claimed(self) -> list[Child]:
+        """Every slot occupant, forked or still being forked."""
         return list(self.children.values())
 
-    # -- submitting --------------------------------------------------------
+    def task_ids(self) -> set[str]:
+        """Task ids the pool holds: queued for a slot or in one."""
+        held = {str(job.task_id) for job in self.pending}
+        held.update(str(child.job.task_id) for child in self.children.values())
+        return held
+
+    # -- submitting -----------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         job.on_terminate = self.cancel_job
         self.pending.append(job)
-        self.fill_slots()
+        self.advance()
 
-    def fill_slots(self) -> None:
-        """Fork a child for each pending job while a slot is free."""
-        while self.pending and len(self.children) < self.limit:
-            if self.clock() < self._fork_blocked_until:
-                return
-            self._start(self.pending.popleft())
-
-    def _start(self, job: Job) -> None:
-        if job.cancel_signal is not None:  # revoked before it got a slot
-            self._finish(job, Terminated(-job.cancel_signal))
-            return
-        try:
-            process = self.forker.spawn(job)
-        except OSError as exc:
-            self._watch_exit_events()
-            self._fork_failed(job, exc)
-            return
-        self._watch_exit_events()
-        self._fork_failures = 0
-        child = Child(process, job)
-        self.children[process.pid] = child
-        self.selector.register(process.report_fd, selectors.EVENT_READ, (self._on_report, child))
-        if process.exit_fd is not None:
-            self.selector.register(process.exit_fd, selectors.EVENT_READ, (self._on_exit, child))
-        elif not self._exit_events:
-            child.timers.append(self.timers.call_later(EXIT_POLL_INTERVAL, self._on_exit, child))
-        self.counts["forked"] += 1
-        job.accepted(process.pid, self.clock())
-        self._arm_time_limits(child)
-        self._arm_memory_guard()
-
-    def _fork_failed(self, job: Job, exc: OSError) -> None:
-        if exc.errno in (errno.EAGAIN, errno.ENOMEM) and self._fork_failures < len(
-            FORK_RETRY_DELAYS
-        ):
-            delay = FORK_RETRY_DELAYS[self._fork_failures]
-            self._fork_failures += 1
-            logger.error("forkguard: cannot fork (%s); retrying in %.1fs", exc, delay)
-            self.pending.appendleft(job)
-            self._fork_blocked_until = self.clock() + delay
-            self.timers.call_later(delay, self.fill_slots)
-            return
-        self._fork_failures = 0
-        logger.error("forkguard: cannot fork a child for %r: %s", job, exc)
-        self.counts["fork_failed"] += 1
-        self._finish(job, ForkError(f"could not fork a child to run the task: {exc}"))
-
-    def _arm_time_limits(self, child: Child) -> None:
-        job = child.job
-        if job.soft_timeout:
-            child.timers.append(self.timers.call_later(job.soft_timeout, self._soft_limit, child))
-        if job.timeout:
-            child.timers.append(self.timers.call_later(job.timeout, self._hard_limit, child))
-
-    def _arm_memory_guard(self) -> None:
-        if self.memory_limit_kb and self._memory_timer is None:
-            self._memory_timer = self.timers.call_later(
-                self.memory_check_interval, self._check_memory
-            )
-
-    def _check_memory(self) -> None:
-        """Kill each child whose resident memory passed the limit."""
-        self._memory_timer = None
-        limit = self.memory_limit_kb
-        if not limit:
-            return
-        for child in self.running():
-            rss = resident_kb(child.pid)
-            if rss is not None and rss > limit and child.kill_error is None:
-                self.counts["memory_killed"] += 1
-                self.signal_child(child, signal.SIGKILL, MemoryLimitExceeded(
-                    f"task killed: its process used {rss} kB of resident memory, "
-                    f"over worker_max_memory_per_child={limit} kB"
-                ))
-        if self.children:
-            self._arm_memory_guard()
-
-    # -- limits and kills ----------------------------------------------------
-
-    def _soft_limit(self, child: Child) -> None:
-        if child.pid in self.children and not child.job.finished:
-            child.job.time_out(soft=True)
-            self.forker.kill(child.pid, signal.SIGUSR1)
-
-    def _hard_limit(self, child: Child) -> None:
-        if child.pid in self.children and not child.job.finished:
-            self.counts["timed_out"] += 1
-            child.job.time_out(soft=False)
-            self.forker.kill(child.pid, signal.SIGKILL, group=True)
-
-    def signal_child(
-        self, child: Child, signum: int, error: BaseException | None, intent: int = intents.NONE,
-    ) -> bool:
-        """Send *signum* to a running child.
-
-        *error* is what the task is recorded with if the child dies without
-        a report; *intent* tells the child's SIGTERM handler why (intents.py).
-        SIGKILL goes to the child's whole process group, so the task's own
-        subprocesses go with it.
-        """
-        if child.pid not in self.children:
-            return False
-        child.kill_error = error
-        intents.shared().set(child.pid, intent)
-        return self.forker.kill(child.pid, signum, group=signum == signal.SIGKILL)
-
-    def stop_child(
-        self,
-        child: Child,
-        *,
-        term_timeout: float | None,
-        kill_error: BaseException,
-        term_error: BaseException | None = None,
-        intent: int = intents.NONE,
-        again: bool = False,
-    ) -> None:
-        """KILL now, or TERM and KILL after *term_timeout* seconds (Resque's way).
-
-        A child already being stopped is left alone unless *again*.
-        """
-        if child.kill_error is not None and not again:
-            return
-        if term_timeout is None:
-            self.signal_child(child, signal.SIGKILL, kill_error)
-            return
-        self.signal_child(child, signal.SIGTERM, term_error or kill_error, intent)
-        child.timers.append(
-            self.timers.call_later(term_timeout, self._escalate, child, kill_error)
-        )
-
-    def _escalate(self, child: Child, kill_error: BaseException) -> None:
-        if child.pid in self.children:
-            self.signal_child(child, signal.SIGKILL, kill_error)
-
-    def terminate_job(self, pid: int, signum: int | None = None) -> None:
-        """``revoke(terminate=True)``: signal that task's child, and only it."""
-        signum = signum or signal.SIGTERM
-        child = self.children.get(pid)
-        # Celery's Request.terminate asks twice (pool and job): signal once.
-        if child is not None and not isinstance(child.kill_error, Terminated):
-            self.signal_child(child, signum, Terminated(-signum), intents.REVOKE)
+    def withdraw_queued(self) -> list[Job]:
+        """Take every job still waiting for a slot out of the pool."""
+        jobs = list(self.pending)
+        self.pending.clear()
+        return jobs
 
     def cancel_job(self, job: Job, signum: int) -> None:
         if job in self.pending:
             self.pending.remove(job)
-            self._finish(job, Terminated(-signum))
+            self._finish_unstarted(job, Terminated(-signum))
         elif job.pid is not None:
             self.terminate_job(job.pid, signum)
+        # Requested but not forked yet: job.cancel_signal is applied on acceptance.
 
-    # -- the loop's side -----------------------------------------------------
+    # -- the loop's side -----------------------------------------------------------------
 
     def next_timeout(self) -> float | None:
         deadline = self.timers.next_deadline()
         return None if deadline is None else max(0.0, deadline - self.clock())
 
     def poll(self, timeout: float | None = 0) -> None:
-        """Handle whatever is ready: reports, exits, due timers."""
+        """Read whatever is ready, fire due timers, then act on what was learnt."""
         registered = self.selector.get_map()
-        for key, _ in self.selector.select(timeout):
-            # An exit handled earlier in this batch may have closed this fd and
-            # a new child reused its number: skip events for keys now gone.
+        for key, mask in self.selector.select(timeout):
+            # A handler earlier in this batch may have closed this fd and a new
+            # one reused its number: skip events for keys now gone.
             if registered.get(key.fd) is not key:
                 continue
-            handler, child = key.data
-            handler(child)
+            handler, obj = key.data
+            handler(obj, mask)
         self.timers.fire_due()
+        self.advance()
 
-    def _on_report(self, child: Child) -> None:
-        fd = child.process.report_fd
+    def advance(self) -> None:
+        """Accept started children, settle exited ones, fill free slots; repeat until still.
+
+        Not re-entrant: a call made from a callback it runs (Celery's, say)
+        only asks for one more round.
+        """
+        if self._advancing:
+            self._again = True
+            return
+        self._advancing = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for child in list(self.children.values()):
+                    if child.ready_to_accept():
+                        self._accept(child)
+                    if child.ready_to_settle():
+                        self._settle(child)
+                self._fill_slots()
+        finally:
+            self._advancing = False
+
+    # -- recording (no callbacks run here) -------------------------------------------------
+
+    def _on_report_io(self, child: Child, mask: int = 0) -> None:
+        fd = child.report_fd
         while True:
             try:
                 data = os.read(fd, READ_CHUNK)
@@ -295,78 +192,80 @@ class Supervisor:
                 data = b""
             if not data:
                 self._unregister(fd)
+                child.report_closed()
+                self._watch_exit(child)
                 return
-            child.report += data
+            child.report_data(data)
 
-    def _on_exit(self, child: Child) -> None:
-        code = self.forker.reap(child.pid)
-        if code is None:
-            if child.process.exit_fd is None:
-                child.timers.append(
-                    self.timers.call_later(EXIT_POLL_INTERVAL, self._on_exit, child)
-                )
-            return
-        self._conclude(child, code)
+    def _on_spawner_io(self, spawner: Spawner, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            spawner.flush()
+            self._watch_spawner(spawner)
+        if mask & selectors.EVENT_READ:
+            self._take_events(spawner)
 
-    def _watch_exit_events(self) -> None:
-        """Follow the fork server's socket; a lost server loses its children."""
-        forker: Any = self.forker
-        if not self._exit_events:
-            return
-        # Keyed by the server's pid too: a new server's socket may reuse the fd.
-        current = (forker.events_fileno(), forker.pid) if forker.alive() else None
-        if current == self._events_key:
-            return
-        if self._events_key is not None:
-            self._unregister(self._events_key[0])
-            self._events_key = None
-            # The old server is gone, and its children with it (pdeathsig).
-            for child in self.running():
-                child.kill_error = child.kill_error or WorkerLostError(
-                    "Worker exited prematurely: the fork server died and took the "
-                    f"task's process with it. Job: {child.job.task_id}."
-                )
-                self._conclude(child, SERVER_LOST)
-        if current is not None:
-            self._unregister(current[0])  # a stale key for a reused fd number
-            self.selector.register(current[0], selectors.EVENT_READ, (self._on_exit_events, None))
-            self._events_key = current
+    def _take_events(self, spawner: Spawner) -> None:
+        for event in spawner.events():
+            self._record(spawner, event)
+        self._again = True
+        if spawner.gone and spawner in self._spawner_masks:
+            self._spawner_lost(spawner, spawner.gone)
 
-    def _on_exit_events(self, _: Any) -> None:
-        for pid, code in self.forker.read_exits():  # type: ignore[attr-defined]
-            child = self.children.get(pid)
-            if child is not None:
-                self._conclude(child, code)
-        self._watch_exit_events()
+    def _record(self, spawner: Spawner, event: Event) -> None:
+        if event.kind == STARTED:
+            child = self.children.get(event.a)
+            if child is None or child.pid is not None:
+                return
+            if event.b < 0:
+                self._fork_failed(child, -event.b)
+                return
+            child.started(event.b)
+            key = (id(spawner), event.b)
+            self._by_pid[key] = child
+            if key in self._early_exits:
+                child.exited(self._early_exits.pop(key))
+        elif event.kind == EXITED:
+            key = (id(spawner), event.a)
+            child = self._by_pid.get(key)
+            if child is None:
+                self._early_exits[key] = event.b
+            else:
+                child.exited(event.b)
 
-    def _conclude(self, child: Child, code: int) -> None:
-        """The child is gone: collect its report and settle its job."""
-        del self.children[child.pid]
-        intents.shared().clear(child.pid)
-        self._on_report(child)
-        self._close(child)
+    # -- acting (Celery's callbacks run here) -----------------------------------------------
+
+    def _accept(self, child: Child) -> None:
+        assert child.pid is not None
+        child.accepted = True
+        self.counts["forked"] += 1
+        self._fork_recovered()
         job = child.job
+        job.accepted(child.pid, self.clock())
+        self._arm_time_limits(child)
+        self._arm_memory_guard()
+        if job.cancel_signal is not None:  # revoked while it was being forked
+            self.terminate_job(child.pid, job.cancel_signal)
+        elif child.pending_stop is not None:
+            self.stop_child(child, **child.pending_stop)
+
+    def _settle(self, child: Child) -> None:
+        """The child is gone: decode its report and give the job its outcome."""
+        self._on_report_io(child)  # the rest of what it wrote, if any
+        self._release(child)
+        job = child.job
+        if not child.accepted:
+            # Its server was lost before saying it forked: a task that may have
+            # started is treated as one that did (never run twice).
+            child.accepted = True
+            job.accepted(child.pid or 0, self.clock())
         if not job.finished:
-            self._settle(job, protocol.decode_report(bytes(child.report)), child, code)
+            self._record_outcome(child)
         self.on_job_done(job)
-        self._maybe_restart_forker()
-        self.fill_slots()
+        self._retire_idle_spawners()
 
-    def restart_forker(self) -> None:
-        """``pool_restart``: a fresh fork server, once no child needs the old one."""
-        self._restart_forker = hasattr(self.forker, "close")
-        self._maybe_restart_forker()
-
-    def _maybe_restart_forker(self) -> None:
-        # Closing the old server ends its children (pdeathsig): wait for idle.
-        if self._restart_forker and not self.children:
-            self._restart_forker = False
-            if self._events_key is not None:
-                self._unregister(self._events_key[0])
-                self._events_key = None
-            self.forker.close()  # type: ignore[attr-defined]
-
-    def _settle(self, job: Job, report: Any, child: Child, code: int) -> None:
+    def _record_outcome(self, child: Child) -> None:
+        report = protocol.decode_report(bytes(child.report))
+        job = child.job
         if report is not None and report[0] == protocol.OUTCOME:
             self.counts["reported"] += 1
             job.succeed(report[1])
@@ -378,50 +277,285 @@ class Supervisor:
             job.fail(child.kill_error)
         else:
             self.counts["lost"] += 1
-            job.fail(worker_lost(code, job))
+            job.fail(outcomes.worker_lost(child.exit_code or 0, job))
 
-    def _finish(self, job: Job, error: BaseException) -> None:
+    def _release(self, child: Child) -> None:
+        child.settled = True
+        del self.children[child.token]
+        if child.pid is not None:
+            self._by_pid.pop((id(child.spawner), child.pid), None)
+            intents.shared().clear(child.pid)
+        for timer in child.timers:
+            timer.cancel()
+        self._unregister(child.report_fd)
+        os.close(child.report_fd)
+
+    def _finish_unstarted(self, job: Job, error: BaseException) -> None:
         job.fail(error)
         self.on_job_done(job)
 
-    def _close(self, child: Child) -> None:
-        for timer in child.timers:
-            timer.cancel()
-        for fd in (child.process.report_fd, child.process.exit_fd):
-            if fd is not None:
-                self._unregister(fd)
-                os.close(fd)
+    # -- forking ------------------------------------------------------------------------------
+
+    def _fill_slots(self) -> None:
+        asked: list[Child] = []
+        while self.pending and len(self.children) < self.limit:
+            if self.clock() < self._fork_blocked_until:
+                break
+            job = self.pending.popleft()
+            if job.cancel_signal is not None:  # revoked before it got a slot
+                self._finish_unstarted(job, Terminated(-job.cancel_signal))
+                continue
+            child = self._request(job)
+            if child is None:
+                break
+            asked.append(child)
+        if asked:
+            self._await_started(asked)
+
+    def _request(self, job: Job) -> Child | None:
+        spawner = self.spawner or self._new_spawner()
+        if spawner is None:
+            self.pending.appendleft(job)
+            return None
+        read_fd, write_fd = os.pipe()  # both close-on-exec (PEP 446)
+        os.set_blocking(read_fd, False)
+        self._token = token = (self._token + 1) & 0x7FFFFFFF
+        child = Child(token, job, read_fd, spawner, self._free_slot())
+        self.children[token] = child
+        self.selector.register(read_fd, selectors.EVENT_READ, (self._on_report_io, child))
+        child.timers.append(
+            self.timers.call_later(self.spawn_timeout, self._spawn_overdue, child)
+        )
+        spawner.request(token, job, write_fd, child.slot)
+        self._watch_spawner(spawner)
+        if self._spawner_masks.get(spawner) == 0 and len(self.children) == 1:
+            self.timers.call_later(EXIT_POLL_INTERVAL, self._poll_spawner, spawner)
+        return child
+
+    def _await_started(self, asked: list[Child]) -> None:
+        """Wait a moment for the answers just asked for, reading (not acting on) them."""
+        spawner = asked[-1].spawner
+        deadline = time.monotonic() + START_WAIT
+        while any(child.pid is None and not child.settled for child in asked):
+            left = deadline - time.monotonic()
+            if left <= 0 or spawner not in self._spawner_masks or not spawner.wait(left):
+                return
+            self._take_events(spawner)
+
+    def _poll_spawner(self, spawner: Spawner) -> None:
+        """For a spawner with no fd to watch (no pidfds): look for exits on a timer."""
+        self._take_events(spawner)
+        if any(child.spawner is spawner for child in self.children.values()):
+            self.timers.call_later(EXIT_POLL_INTERVAL, self._poll_spawner, spawner)
+
+    def _free_slot(self) -> int:
+        taken = {child.slot for child in self.children.values()}
+        slot = 1
+        while slot in taken:
+            slot += 1
+        return slot
+
+    def _new_spawner(self) -> Spawner | None:
+        try:
+            spawner = self.make_spawner()
+        except (OSError, ForkError) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            self._note_fork_shortage(getattr(cause, "errno", None) or errno.EAGAIN, str(exc))
+            return None
+        return self._watch_new_spawner(spawner)
+
+    def _watch_new_spawner(self, spawner: Spawner) -> Spawner:
+        fd = spawner.fileno()
+        if fd is not None:
+            self._spawner_masks[spawner] = selectors.EVENT_READ
+            self.selector.register(fd, selectors.EVENT_READ, (self._on_spawner_io, spawner))
+        else:
+            self._spawner_masks[spawner] = 0
+        self.spawner = spawner
+        return spawner
+
+    def _watch_spawner(self, spawner: Spawner) -> None:
+        """Watch its fd for writing too while requests wait to be written."""
+        fd = spawner.fileno()
+        if fd is None or spawner not in self._spawner_masks:
+            return
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if spawner.wants_write() else 0)
+        if self._spawner_masks[spawner] != mask:
+            self._spawner_masks[spawner] = mask
+            self.selector.modify(fd, mask, (self._on_spawner_io, spawner))
+
+    def _fork_failed(self, child: Child, code: int) -> None:
+        """The system refused to fork: back to the head of the queue, retry later."""
+        self._release(child)
+        self.pending.appendleft(child.job)
+        self.counts["fork_failed"] += 1
+        self._note_fork_shortage(code, os.strerror(code))
+
+    def _note_fork_shortage(self, code: int, why: str) -> None:
+        now = self.clock()
+        self._fork_delay = min(FORK_RETRY_MAX, max(FORK_RETRY_FIRST, self._fork_delay * 2))
+        self._fork_blocked_until = now + self._fork_delay
+        self.timers.call_later(self._fork_delay, self.advance)
+        if self._shortage_since is None:
+            self._shortage_since = self._shortage_logged = now
+            logger.error(
+                "forkguard: cannot fork a child (%s: %s); %d task(s) wait and nothing is "
+                "lost; retrying with back-off up to %gs. Is the process limit "
+                "(RLIMIT_NPROC, ulimit -u) or memory too low?",
+                errno.errorcode.get(code, code), why, len(self.pending), FORK_RETRY_MAX,
+            )
+        elif now - self._shortage_logged >= FORK_SHORTAGE_LOG_EVERY:
+            self._shortage_logged = now
+            logger.error(
+                "forkguard: still cannot fork after %.0fs (%s); %d task(s) wait",
+                now - self._shortage_since, why, len(self.pending),
+            )
+
+    def _fork_recovered(self) -> None:
+        self._fork_delay = 0.0
+        if self._shortage_since is not None:
+            logger.warning(
+                "forkguard: forking works again after %.1fs", self.clock() - self._shortage_since,
+            )
+            self._shortage_since = None
+
+    # -- fork servers that stop answering, die, or retire ------------------------------------
+
+    def _spawn_overdue(self, child: Child) -> None:
+        if child.pid is None and not child.settled and child.spawner in self._spawner_masks:
+            self._spawner_lost(
+                child.spawner, f"did not answer a request within {self.spawn_timeout:g}s"
+            )
+
+    def _watch_exit(self, child: Child) -> None:
+        # The report pipe closed but the server has not said the child exited:
+        # if the child is a zombie past the deadline, the server is not reaping.
+        if child.exit_code is None and child.pid is not None and child.spawner.pid:
+            child.timers.append(
+                self.timers.call_later(self.spawn_timeout, self._exit_overdue, child)
+            )
+
+    def _exit_overdue(self, child: Child) -> None:
+        if child.settled or child.exit_code is not None or child.pid is None:
+            return
+        if is_zombie(child.pid) and child.spawner in self._spawner_masks:
+            self._spawner_lost(
+                child.spawner,
+                f"did not report the exit of pid {child.pid} within {self.spawn_timeout:g}s",
+            )
+        else:
+            self._watch_exit(child)  # alive: the task closed its report pipe itself
+
+    def _spawner_lost(self, spawner: Spawner, why: str) -> None:
+        """Stop a lost fork server for certain before its tasks are recorded.
+
+        The server is stopped first, so the children it forked cannot change;
+        requests it never forked go back to the queue for the next server.
+        The children are SIGKILLed with their process groups (their pids are
+        still pinned: the server has not reaped them), then the server.
+        Each child is settled once the server is reaped and the child's
+        report pipe is closed, so no task of it can still be running when
+        Celery is told it was lost, and requeueing it never makes two copies.
+        """
+        mine = [c for c in self.children.values() if c.spawner is spawner]
+        retry = self._never_forked(spawner, mine)
+        victims = [c for c in mine if c not in retry]
+        logger.error(
+            "forkguard: the fork server (pid %s) %s; killing it and %d task process(es) "
+            "with it, then recording their tasks as lost; %d request(s) it never forked "
+            "go to a new server", spawner.pid, why, len(victims), len(retry),
+        )
+        self.counts["fork_server_lost"] += 1
+        for child in reversed(retry):
+            self._release(child)
+            self.pending.appendleft(child.job)
+        for child in victims:
+            if child.pid is not None and child.exit_code is None:
+                spawner.kill(child.pid, signal.SIGKILL, group=True)
+            child.kill_error = child.kill_error or outcomes.server_lost(why, child.job)
+        spawner.kill_server()
+        self._forget_spawner(spawner)
+        self._reap_lost(spawner, victims)
+
+    @staticmethod
+    def _never_forked(spawner: Spawner, mine: list[Child]) -> list[Child]:
+        """Requests of *spawner* that certainly have no process (empty if unsure)."""
+        children = spawner.freeze()
+        announced = {child.pid for child in mine if child.pid is not None}
+        if children is None or not children <= announced:
+            return []  # a child we were not told of may run any of them
+        return [child for child in mine if child.pid is None]
+
+    def _reap_lost(self, spawner: Spawner, victims: list[Child]) -> None:
+        if not spawner.reap_server():
+            self.timers.call_later(REAP_INTERVAL, self._reap_lost, spawner, victims)
+            return
+        for child in victims:
+            if not child.settled:
+                child.spawner_lost(SERVER_LOST)
+                child.timers.append(self.timers.call_later(LOST_GRACE, self._force_lost, child))
+        self._again = True
+
+    def _force_lost(self, child: Child) -> None:
+        if not child.settled and child.exit_code is None:
+            logger.warning(
+                "forkguard: a process outside the task's group still holds the report pipe "
+                "of %r; recording the task as lost", child.job,
+            )
+            child.exited(SERVER_LOST)
+
+    def _forget_spawner(self, spawner: Spawner) -> None:
+        fd = spawner.fileno()
+        if fd is not None:
+            self._unregister(fd)
+        self._spawner_masks.pop(spawner, None)
+        self._early_exits = {
+            key: code for key, code in self._early_exits.items() if key[0] != id(spawner)
+        }
+        spawner.close()
+        if spawner is self.spawner:
+            self.spawner = None
+
+    def restart_spawner(self) -> None:
+        """``pool_restart``: new children fork from a fresh server at once.
+
+        The old server serves its running children until the last one ends.
+        """
+        if self.spawner is not None and not self.spawner.renewable:
+            return  # forking from the worker itself: it sees the reload already
+        self.spawner = None
+        self._new_spawner()
+        self._retire_idle_spawners()
+
+    def _retire_idle_spawners(self) -> None:
+        in_use = {child.spawner for child in self.children.values()}
+        for spawner in list(self._spawner_masks):
+            if spawner is not self.spawner and spawner not in in_use:
+                self._forget_spawner(spawner)
+                self._reap_retired(spawner)
+
+    def _reap_retired(self, spawner: Spawner) -> None:
+        if not spawner.reap_server():
+            self.timers.call_later(REAP_INTERVAL, self._reap_retired, spawner)
+
+    # -- sizing and closing ---------------------------------------------------------------------
+
+    def resize(self, limit: int) -> None:
+        """Change the number of slots; running children are never killed."""
+        self.limit = max(1, limit)
+        self.advance()
+
+    def close(self) -> None:
+        for spawner in list(self._spawner_masks):
+            self._forget_spawner(spawner)
+            spawner.reap_server(block=True)
+        self.selector.close()
 
     def _unregister(self, fd: int) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fd)
 
-    # -- sizing ----------------------------------------------------------------
 
-    def resize(self, limit: int) -> None:
-        """Change the number of slots; running children are never killed."""
-        self.limit = max(1, limit)
-        self.fill_slots()
-
-    def close(self) -> None:
-        close_forker = getattr(self.forker, "close", None)
-        if close_forker is not None:
-            close_forker()
-        self.selector.close()
-
-
-def resident_kb(pid: int) -> int | None:
-    """A process's resident set size in kB, read from /proc (None if unknown)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * PAGE_KB
-
-
-def worker_lost(code: int, job: Job) -> WorkerLostError:
-    """The error Celery records for a child that died without reporting."""
-    return WorkerLostError(
-        f"Worker exited prematurely: {human_status(code)} Job: {job.task_id}."
-    )
+def is_zombie(pid: int) -> bool:
+    """Whether *pid* has exited but not been reaped (Linux /proc; False if unknown)."""
+    return process_state(pid) == b"Z"

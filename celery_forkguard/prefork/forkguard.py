@@ -17,12 +17,14 @@ from celery.utils.log import get_logger
 from celery_forkguard import intents, stopping
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
-from celery_forkguard.forking import Forker, Spawner
-from celery_forkguard.forkserver import ForkServer
+from celery_forkguard.forking import Forker
+from celery_forkguard.forkserver_client import ForkServerClient
 from celery_forkguard.jobs import Job
+from celery_forkguard.lifecycle import Child
 from celery_forkguard.settings import ForkguardSettings, load_settings
+from celery_forkguard.spawning import Spawner
 from celery_forkguard.steps import install_consumer_step
-from celery_forkguard.supervisor import Child, Supervisor
+from celery_forkguard.supervisor import Supervisor
 
 __all__ = ["TaskPool"]
 
@@ -59,18 +61,19 @@ class TaskPool(BasePool):
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
         prepare_master(self.app, self.hostname)
+        ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child)
         self._supervisor = Supervisor(
-            self._make_forker(), self.limit or 1, on_job_done=self._on_job_done,
+            partial(self._make_spawner, ctx), self.limit or 1, on_job_done=self._on_job_done,
+            spawn_timeout=self.settings.fork_server_timeout,
         )
         self._supervisor.memory_limit_kb = self.options.get("max_memory_per_child") or None
         self._supervisor.memory_check_interval = self.settings.memory_check_interval
         if self.options.get("threads", True):
             self._driver = ThreadDriver(self._supervisor)
 
-    def _make_forker(self) -> Spawner:
-        ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child)
+    def _make_spawner(self, ctx: ChildContext) -> Spawner:
         if self.settings.fork_server:
-            server = ForkServer(ctx)
+            server = ForkServerClient(ctx)
             server.start()
             return server
         return Forker(partial(child_main, ctx))
@@ -93,7 +96,7 @@ class TaskPool(BasePool):
         if self._supervisor is not None and self._driver is not None:
             self.stop_running(stopping.cold_shutdown, again=True)
             # Jobs never started were never acked: the broker redelivers them.
-            self._driver.call(self._supervisor.pending.clear)
+            self._driver.call(self._supervisor.withdraw_queued)
             self._driver.drain()
         self._close()
 
@@ -110,11 +113,46 @@ class TaskPool(BasePool):
         """``pool_restart``: children fork from the reloaded worker from now on.
 
         With the fork server, a new server (a copy of the reloaded worker)
-        replaces the old one as soon as no task is running; without it,
-        children fork from the worker itself and see the reload at once.
+        forks every child from now on; the old one lives until its last
+        running child ends.  Without it, children fork from the worker
+        itself and see the reload at once.
         """
         if self._driver is not None and self._supervisor is not None:
-            self._driver.call(self._supervisor.restart_forker)
+            self._driver.call(self._supervisor.restart_spawner)
+
+    def flush(self) -> None:
+        """The broker connection was lost: drop the jobs still waiting for a slot.
+
+        Celery calls this as it clears its semaphore; their messages were
+        never acked (they cannot be any more) and the broker delivers them
+        again, so running them too would run them twice.
+        """
+        if self._driver is not None and self._supervisor is not None:
+            dropped = self._driver.call_sync(self._supervisor.withdraw_queued)
+            if dropped:
+                logger.warning(
+                    "forkguard: connection lost: %d queued task(s) left to the broker to "
+                    "deliver again", len(dropped),
+                )
+
+    def withdraw_queued(self) -> set[str]:
+        """Take the jobs still waiting for a slot out of the pool (for a pause).
+
+        Their semaphore slots are released; the caller hands their requests
+        back to the broker.  Returns their task ids.
+        """
+        if self._driver is None or self._supervisor is None:
+            return set()
+        jobs = self._driver.call_sync(self._supervisor.withdraw_queued)
+        for job in jobs:
+            self._on_job_done(job)
+        return {str(job.task_id) for job in jobs}
+
+    def held_task_ids(self) -> set[str]:
+        """Ids of every task the pool holds: being forked, running, or queued."""
+        if self._driver is None or self._supervisor is None:
+            return set()
+        return set(self._driver.call_sync(self._supervisor.task_ids))
 
     # -- tasks ---------------------------------------------------------------------
 
@@ -163,6 +201,10 @@ class TaskPool(BasePool):
         """A snapshot of the running children (safe from any thread)."""
         return self._supervisor.running() if self._supervisor else []
 
+    def claimed(self) -> list[Child]:
+        """A snapshot of every slot's child, forked or still being forked."""
+        return self._supervisor.claimed() if self._supervisor else []
+
     def stop_running(self, planner: stopping.Planner, *, again: bool = False) -> list[str]:
         """Stop the running tasks *planner* picks; return their task ids.
 
@@ -170,7 +212,7 @@ class TaskPool(BasePool):
         scheduled) unless *again* (a cold shutdown KILLs them now).
         """
         plans = []
-        for child in self.running():
+        for child in self.claimed():
             if child.kill_error is not None and not again:
                 continue
             plan = planner(child.job)

@@ -332,3 +332,69 @@ def _handler_name(handler: Any) -> str:
     if handler is signal.SIG_IGN:
         return "SIG_IGN"
     return "callable" if callable(handler) else repr(handler)
+
+
+# -- reliability probes ------------------------------------------------------------------
+
+
+def _tally(task: Task, tag: str) -> int:
+    """Count this run of the task under *tag*: a value above 1 means it ran twice."""
+    key = f"{evidence.prefix}:tally:{tag}"
+    runs = int(evidence.client.hincrby(key, task.request.id, 1))
+    evidence.client.expire(key, EVIDENCE_TTL)
+    return runs
+
+
+@app.task(bind=True, track_started=False, name=task_name("tally"))
+def tally(self: Task, tag: str) -> int:
+    return _tally(self, tag)
+
+
+@app.task(bind=True, acks_late=True, time_limit=3, name=task_name("spawn_nap"))
+def spawn_nap(self: Task, tag: str, seconds: float) -> str:
+    """Send a long task as its last act, then return (the stall of old held this one)."""
+    _tally(self, tag)
+    nap = self.app.send_task(task_name("sleeper"), args=(seconds,))
+    evidence.record(self.request.id, nap=nap.id)
+    return nap.id
+
+
+@app.task(bind=True, name=task_name("exec_true"))
+def exec_true(self: Task) -> None:
+    evidence.record(self.request.id, pid=os.getpid())
+    os.execv("/bin/true", ["true"])
+
+
+@app.task(bind=True, name=task_name("close_all_fds"))
+def close_all_fds(self: Task) -> str:
+    evidence.record(self.request.id, pid=os.getpid())
+    os.closerange(3, 65536)
+    return "closed"
+
+
+@app.task(bind=True, name=task_name("exec_fds"))
+def exec_fds(self: Task) -> dict[str, dict[str, str]]:
+    """The task's own pipes, and the fds a program it execs inherits."""
+    import subprocess
+
+    own = {str(f["fd"]): f["target"] for f in _describe_fds() if f["kind"] == "pipe"}
+    out = subprocess.run(["ls", "-l", "/proc/self/fd"], capture_output=True, text=True,
+                         close_fds=False, check=True)
+    inherited = {}
+    for line in out.stdout.splitlines():
+        if " -> " in line:
+            name, target = line.split(" -> ", 1)
+            inherited[name.split()[-1]] = target
+    return {"own": own, "exec": inherited}
+
+
+@app.task(bind=True, name=task_name("write_intent"))
+def write_intent(self: Task) -> str:
+    """Try to mark another child's pid in the shared intents table."""
+    from celery_forkguard import intents
+
+    try:
+        intents.shared().set(os.getppid(), intents.REVOKE)
+    except PermissionError as exc:
+        return f"refused: {exc}"
+    return "written"

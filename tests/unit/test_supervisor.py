@@ -14,10 +14,9 @@ import pytest
 from billiard.exceptions import Terminated, WorkerLostError
 
 from celery_forkguard import intents, protocol
-from celery_forkguard.exceptions import ForkError
 from celery_forkguard.jobs import exception_info
-from celery_forkguard.supervisor import FORK_RETRY_DELAYS
-from tests.unit.fakes import FakeClock, FakeForker, Harness, Kill, Probe, fork_error
+from celery_forkguard.supervisor import FORK_RETRY_FIRST, FORK_RETRY_MAX
+from tests.unit.fakes import FakeClock, FakeForker, Harness, Kill, Probe
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -178,7 +177,10 @@ def test_truncated_report_counts_as_no_report(harness: Harness) -> None:
     data = protocol.encode_report(*OK)
     harness.child(probe).write(data[: len(data) // 2])
     harness.finish(probe, 0)
-    assert str(probe.error()) == "Worker exited prematurely: exitcode 0 Job: task-0."
+    assert str(probe.error()) == (
+        "Worker exited prematurely: exitcode 0; the task's process exited without "
+        "reporting an outcome: did the task call os.exec*() or os._exit()? Job: task-0."
+    )
 
 
 # -- time limits ---------------------------------------------------------------
@@ -389,21 +391,24 @@ def test_resize_below_one_keeps_one_slot(make_harness: MakeHarness) -> None:
 # -- fork failures -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [errno.EAGAIN, errno.ENOMEM])
-def test_transient_fork_failure_is_retried_after_back_off(
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.ENOMEM, errno.EPERM])
+def test_fork_failure_is_retried_with_growing_back_off_and_never_fails_the_task(
     harness: Harness, code: int,
 ) -> None:
-    harness.forker.fork_errors = [fork_error(code), fork_error(code)]
+    harness.forker.fork_errors = [code, code]
     (probe,) = probes(1)
     harness.submit(probe)
     assert harness.forker.spawn_attempts == 1
     assert harness.pending_jobs() == [probe.job]
+    assert harness.supervisor.counts["fork_failed"] == 1
 
-    harness.advance(FORK_RETRY_DELAYS[0] - 0.01)
+    harness.advance(FORK_RETRY_FIRST - 0.01)
     assert harness.forker.spawn_attempts == 1  # still backing off
     harness.advance(0.01)
     assert harness.forker.spawn_attempts == 2
-    harness.advance(FORK_RETRY_DELAYS[1])
+    harness.advance(FORK_RETRY_FIRST * 2 - 0.01)
+    assert harness.forker.spawn_attempts == 2  # the second wait is twice as long
+    harness.advance(0.01)
     assert harness.forker.spawn_attempts == 3
 
     assert harness.running_jobs() == [probe.job]
@@ -413,38 +418,30 @@ def test_transient_fork_failure_is_retried_after_back_off(
 
 
 def test_submissions_during_back_off_wait_their_turn(harness: Harness) -> None:
-    harness.forker.fork_errors = [fork_error(errno.EAGAIN)]
+    harness.forker.fork_errors = [errno.EAGAIN]
     first, second = probes(2)
     harness.submit(first)
     harness.submit(second)
     assert harness.forker.spawn_attempts == 1
-    harness.advance(FORK_RETRY_DELAYS[0])
+    harness.advance(FORK_RETRY_FIRST)
     assert harness.running_jobs() == [first.job, second.job]
 
 
-def test_transient_fork_failure_gives_up_after_the_last_back_off(harness: Harness) -> None:
-    attempts = len(FORK_RETRY_DELAYS) + 1
-    harness.forker.fork_errors = [fork_error(errno.EAGAIN) for _ in range(attempts)]
-    failing, next_one = probes(2)
-    harness.submit(failing, next_one)
-    for delay in FORK_RETRY_DELAYS:
-        harness.advance(delay)
-    assert harness.forker.spawn_attempts == attempts + 1  # and then next_one forked
-    assert isinstance(failing.error(), ForkError)
-    assert harness.running_jobs() == [next_one.job]
-
-
-def test_other_fork_failure_fails_the_job_with_fork_error(harness: Harness) -> None:
-    harness.forker.fork_errors = [fork_error(errno.EPERM)]
-    failing, next_one = probes(2)
-    harness.submit(failing, next_one)
-    error = failing.error()
-    assert isinstance(error, ForkError)
-    assert isinstance(error, WorkerLostError)  # Celery treats it as a lost worker
-    assert os.strerror(errno.EPERM) in str(error)
-    assert harness.supervisor.counts["fork_failed"] == 1
-    assert harness.done == [failing.job]
-    assert harness.running_jobs() == [next_one.job]
+def test_a_long_fork_shortage_is_logged_once_then_seldom_and_loses_nothing(
+    harness: Harness, caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness.forker.fork_errors = [errno.EAGAIN] * 40
+    jobs = probes(2)
+    with caplog.at_level(logging.WARNING):
+        harness.submit(*jobs)
+        for _ in range(60):  # well over a minute of shortage
+            harness.advance(FORK_RETRY_MAX)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if m.startswith("forkguard: cannot fork")]) == 1
+    assert 1 <= len([m for m in lines if "still cannot fork" in m]) <= 10
+    assert any("forking works again" in m for m in lines)
+    assert [p.errors for p in jobs] == [[], []]
+    assert harness.running_jobs() == [p.job for p in jobs]
 
 
 # -- on_job_done ---------------------------------------------------------------
@@ -454,10 +451,11 @@ def test_on_job_done_is_called_exactly_once_for_every_kind_of_end(
     make_harness: MakeHarness,
 ) -> None:
     harness = make_harness(limit=4)
-    harness.forker.fork_errors = [fork_error(errno.EPERM)]
+    harness.forker.fork_errors = [errno.EPERM]
     fork_failed, ok, error, lost, timed_out, revoked, cancelled = probes(7, timeout=30.0)
     harness.submit(fork_failed, ok, error, lost, timed_out, revoked, cancelled)
     cancelled.job.terminate(signal.SIGTERM)
+    harness.advance(FORK_RETRY_FIRST)  # the failed fork is retried first
     harness.finish(ok, 0, report=OK)
     harness.finish(error, 0, report=(protocol.ERROR, exception_info(ValueError("x"))))
     harness.finish(lost, -signal.SIGKILL)
@@ -466,6 +464,7 @@ def test_on_job_done_is_called_exactly_once_for_every_kind_of_end(
     harness.supervisor.terminate_job(harness.child(revoked).pid, signal.SIGTERM)
     harness.finish(revoked, -signal.SIGTERM)
     harness.advance(60.0)
+    harness.finish(fork_failed, 0, report=OK)  # retried, then ran
 
     everyone = [fork_failed, ok, error, lost, timed_out, revoked, cancelled]
     assert Counter(harness.done) == Counter(p.job for p in everyone)
