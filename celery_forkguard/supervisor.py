@@ -11,11 +11,9 @@ they came.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import selectors
-import signal
 import time
 from collections import Counter, deque
 from typing import Callable
@@ -24,19 +22,16 @@ from billiard.exceptions import Terminated
 from celery.utils.log import get_logger
 
 from celery_forkguard import intents, outcomes, protocol
-from celery_forkguard.exceptions import ForkError
-from celery_forkguard.forkserver_client import process_state
 from celery_forkguard.jobs import Job
 from celery_forkguard.kills import Kills
 from celery_forkguard.lifecycle import Child
+from celery_forkguard.servers import ServerCare
 from celery_forkguard.spawning import EXITED, STARTED, Event, Spawner
 from celery_forkguard.timers import TimerHeap
 
 logger = get_logger(__name__)
 
 READ_CHUNK = 65536
-#: Exit code recorded for children whose fork server was lost.
-SERVER_LOST = 255
 #: How long the loop waits, right after asking, for the fork server to say a
 #: child started: a fork takes a few ms, and answering in the same wake-up
 #: saves the loop one.  Past it the answer is read whenever it comes.
@@ -47,14 +42,9 @@ SPAWN_TIMEOUT = 10.0
 FORK_RETRY_FIRST, FORK_RETRY_MAX = 0.1, 5.0
 #: How often a fork shortage is logged again while it lasts.
 FORK_SHORTAGE_LOG_EVERY = 30.0
-#: How long a lost server's children may take to close their report pipes.
-LOST_GRACE = 5.0
-REAP_INTERVAL = 0.01
-#: How often children are looked for when the platform has no pidfds.
-EXIT_POLL_INTERVAL = 0.01
 
 
-class Supervisor(Kills):
+class Supervisor(Kills, ServerCare):
     """Starts at most ``limit`` children and turns each one's end into an outcome."""
 
     def __init__(
@@ -103,8 +93,9 @@ class Supervisor(Kills):
         return bool(self.children or self.pending)
 
     def running(self) -> list[Child]:
-        """Children that have a process (forked, not yet settled)."""
-        return [child for child in self.children.values() if child.pid is not None]
+        """Children that have a process (forked, not yet settled); safe from any thread."""
+        # list() copies in one step under the GIL; iterating the dict would not.
+        return [child for child in list(self.children.values()) if child.pid is not None]
 
     def claimed(self) -> list[Child]:
         """Every slot occupant, forked or still being forked."""
@@ -328,8 +319,6 @@ class Supervisor(Kills):
         )
         spawner.request(token, job, write_fd, child.slot)
         self._watch_spawner(spawner)
-        if self._spawner_masks.get(spawner) == 0 and len(self.children) == 1:
-            self.timers.call_later(EXIT_POLL_INTERVAL, self._poll_spawner, spawner)
         return child
 
     def _await_started(self, asked: list[Child]) -> None:
@@ -342,47 +331,12 @@ class Supervisor(Kills):
                 return
             self._take_events(spawner)
 
-    def _poll_spawner(self, spawner: Spawner) -> None:
-        """For a spawner with no fd to watch (no pidfds): look for exits on a timer."""
-        self._take_events(spawner)
-        if any(child.spawner is spawner for child in self.children.values()):
-            self.timers.call_later(EXIT_POLL_INTERVAL, self._poll_spawner, spawner)
-
     def _free_slot(self) -> int:
         taken = {child.slot for child in self.children.values()}
         slot = 1
         while slot in taken:
             slot += 1
         return slot
-
-    def _new_spawner(self) -> Spawner | None:
-        try:
-            spawner = self.make_spawner()
-        except (OSError, ForkError) as exc:
-            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-            self._note_fork_shortage(getattr(cause, "errno", None) or errno.EAGAIN, str(exc))
-            return None
-        return self._watch_new_spawner(spawner)
-
-    def _watch_new_spawner(self, spawner: Spawner) -> Spawner:
-        fd = spawner.fileno()
-        if fd is not None:
-            self._spawner_masks[spawner] = selectors.EVENT_READ
-            self.selector.register(fd, selectors.EVENT_READ, (self._on_spawner_io, spawner))
-        else:
-            self._spawner_masks[spawner] = 0
-        self.spawner = spawner
-        return spawner
-
-    def _watch_spawner(self, spawner: Spawner) -> None:
-        """Watch its fd for writing too while requests wait to be written."""
-        fd = spawner.fileno()
-        if fd is None or spawner not in self._spawner_masks:
-            return
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if spawner.wants_write() else 0)
-        if self._spawner_masks[spawner] != mask:
-            self._spawner_masks[spawner] = mask
-            self.selector.modify(fd, mask, (self._on_spawner_io, spawner))
 
     def _fork_failed(self, child: Child, code: int) -> None:
         """The system refused to fork: back to the head of the queue, retry later."""
@@ -419,125 +373,6 @@ class Supervisor(Kills):
             )
             self._shortage_since = None
 
-    # -- fork servers that stop answering, die, or retire ------------------------------------
-
-    def _spawn_overdue(self, child: Child) -> None:
-        if child.pid is None and not child.settled and child.spawner in self._spawner_masks:
-            self._spawner_lost(
-                child.spawner, f"did not answer a request within {self.spawn_timeout:g}s"
-            )
-
-    def _watch_exit(self, child: Child) -> None:
-        # The report pipe closed but the server has not said the child exited:
-        # if the child is a zombie past the deadline, the server is not reaping.
-        if child.exit_code is None and child.pid is not None and child.spawner.pid:
-            child.timers.append(
-                self.timers.call_later(self.spawn_timeout, self._exit_overdue, child)
-            )
-
-    def _exit_overdue(self, child: Child) -> None:
-        if child.settled or child.exit_code is not None or child.pid is None:
-            return
-        if is_zombie(child.pid) and child.spawner in self._spawner_masks:
-            self._spawner_lost(
-                child.spawner,
-                f"did not report the exit of pid {child.pid} within {self.spawn_timeout:g}s",
-            )
-        else:
-            self._watch_exit(child)  # alive: the task closed its report pipe itself
-
-    def _spawner_lost(self, spawner: Spawner, why: str) -> None:
-        """Stop a lost fork server for certain before its tasks are recorded.
-
-        The server is stopped first, so the children it forked cannot change;
-        requests it never forked go back to the queue for the next server.
-        The children are SIGKILLed with their process groups (their pids are
-        still pinned: the server has not reaped them), then the server.
-        Each child is settled once the server is reaped and the child's
-        report pipe is closed, so no task of it can still be running when
-        Celery is told it was lost, and requeueing it never makes two copies.
-        """
-        mine = [c for c in self.children.values() if c.spawner is spawner]
-        retry = self._never_forked(spawner, mine)
-        victims = [c for c in mine if c not in retry]
-        logger.error(
-            "forkguard: the fork server (pid %s) %s; killing it and %d task process(es) "
-            "with it, then recording their tasks as lost; %d request(s) it never forked "
-            "go to a new server", spawner.pid, why, len(victims), len(retry),
-        )
-        self.counts["fork_server_lost"] += 1
-        for child in reversed(retry):
-            self._release(child)
-            self.pending.appendleft(child.job)
-        for child in victims:
-            if child.pid is not None and child.exit_code is None:
-                spawner.kill(child.pid, signal.SIGKILL, group=True)
-            child.kill_error = child.kill_error or outcomes.server_lost(why, child.job)
-        spawner.kill_server()
-        self._forget_spawner(spawner)
-        self._reap_lost(spawner, victims)
-
-    @staticmethod
-    def _never_forked(spawner: Spawner, mine: list[Child]) -> list[Child]:
-        """Requests of *spawner* that certainly have no process (empty if unsure)."""
-        children = spawner.freeze()
-        announced = {child.pid for child in mine if child.pid is not None}
-        if children is None or not children <= announced:
-            return []  # a child we were not told of may run any of them
-        return [child for child in mine if child.pid is None]
-
-    def _reap_lost(self, spawner: Spawner, victims: list[Child]) -> None:
-        if not spawner.reap_server():
-            self.timers.call_later(REAP_INTERVAL, self._reap_lost, spawner, victims)
-            return
-        for child in victims:
-            if not child.settled:
-                child.spawner_lost(SERVER_LOST)
-                child.timers.append(self.timers.call_later(LOST_GRACE, self._force_lost, child))
-        self._again = True
-
-    def _force_lost(self, child: Child) -> None:
-        if not child.settled and child.exit_code is None:
-            logger.warning(
-                "forkguard: a process outside the task's group still holds the report pipe "
-                "of %r; recording the task as lost", child.job,
-            )
-            child.exited(SERVER_LOST)
-
-    def _forget_spawner(self, spawner: Spawner) -> None:
-        fd = spawner.fileno()
-        if fd is not None:
-            self._unregister(fd)
-        self._spawner_masks.pop(spawner, None)
-        self._early_exits = {
-            key: code for key, code in self._early_exits.items() if key[0] != id(spawner)
-        }
-        spawner.close()
-        if spawner is self.spawner:
-            self.spawner = None
-
-    def restart_spawner(self) -> None:
-        """``pool_restart``: new children fork from a fresh server at once.
-
-        The old server serves its running children until the last one ends.
-        """
-        if self.spawner is not None and not self.spawner.renewable:
-            return  # forking from the worker itself: it sees the reload already
-        self.spawner = None
-        self._new_spawner()
-        self._retire_idle_spawners()
-
-    def _retire_idle_spawners(self) -> None:
-        in_use = {child.spawner for child in self.children.values()}
-        for spawner in list(self._spawner_masks):
-            if spawner is not self.spawner and spawner not in in_use:
-                self._forget_spawner(spawner)
-                self._reap_retired(spawner)
-
-    def _reap_retired(self, spawner: Spawner) -> None:
-        if not spawner.reap_server():
-            self.timers.call_later(REAP_INTERVAL, self._reap_retired, spawner)
-
     # -- sizing and closing ---------------------------------------------------------------------
 
     def resize(self, limit: int) -> None:
@@ -551,11 +386,3 @@ class Supervisor(Kills):
             spawner.reap_server(block=True)
         self.selector.close()
 
-    def _unregister(self, fd: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(fd)
-
-
-def is_zombie(pid: int) -> bool:
-    """Whether *pid* has exited but not been reaped (Linux /proc; False if unknown)."""
-    return process_state(pid) == b"Z"

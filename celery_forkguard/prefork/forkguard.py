@@ -129,6 +129,9 @@ class TaskPool(BasePool):
         """
         if self._driver is not None and self._supervisor is not None:
             dropped = self._driver.call_sync(self._supervisor.withdraw_queued)
+            for job in dropped:
+                # Celery reset the semaphore itself: only our own count goes down.
+                self._on_job_done(job, release=False)
             if dropped:
                 logger.warning(
                     "forkguard: connection lost: %d queued task(s) left to the broker to "
@@ -187,8 +190,8 @@ class TaskPool(BasePool):
         self._driver.submit(job, block=bool(waitforslot))
         return job
 
-    def _on_job_done(self, job: Job) -> None:
-        if self._semaphore is not None:
+    def _on_job_done(self, job: Job, release: bool = True) -> None:
+        if release and self._semaphore is not None:
             self._semaphore.release()
         if isinstance(self._driver, ThreadDriver):
             self._driver.job_done(job)

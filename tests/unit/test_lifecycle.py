@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 from billiard.exceptions import Terminated, WorkerLostError
 
-from celery_forkguard import intents, protocol, supervisor
+from celery_forkguard import intents, protocol, servers
 from celery_forkguard.lifecycle import State
 from tests.unit.fakes import FakeChild, FakeClock, FakeForker, Harness, Probe
 
@@ -289,7 +289,7 @@ def test_a_dead_fork_server_loses_its_running_tasks_once_their_pipes_close(
     harness.forker.die()
     harness.poll()
     assert probe.outcomes == 0
-    harness.advance(supervisor.LOST_GRACE)  # a grandchild keeps the pipe open
+    harness.advance(servers.LOST_GRACE)  # a grandchild keeps the pipe open
     assert "fork server exited" in str(probe.error())
 
 
@@ -304,10 +304,10 @@ def test_a_server_that_stops_reaping_is_found_by_its_zombie(
     child.report(*OK)
     child.close_report()  # exited: but the server never says so
     harness.poll()
-    monkeypatch.setattr(supervisor, "is_zombie", lambda pid: False)
+    monkeypatch.setattr(servers, "is_zombie", lambda pid: False)
     harness.advance(10.0)
     assert not harness.forker.server_killed  # alive: it closed its pipe itself
-    monkeypatch.setattr(supervisor, "is_zombie", lambda pid: pid == child.pid)
+    monkeypatch.setattr(servers, "is_zombie", lambda pid: pid == child.pid)
     harness.advance(10.0)
     assert harness.forker.server_killed
     harness.poll()
