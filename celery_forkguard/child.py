@@ -101,6 +101,7 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
     fasthooks.restore_signal_mask(saved_mask)
     _die_with_parent(ctx)
     detach_inherited_fds(keep={report_fd})
+    os.set_blocking(report_fd, True)  # a report larger than the pipe waits for the worker
     # A task writes no other child's intent (a stray write faults here instead).
     intents.shared().make_read_only()
     name_process(job.slot)

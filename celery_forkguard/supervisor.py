@@ -308,8 +308,9 @@ class Supervisor(Kills, ServerCare):
         if spawner is None:
             self.pending.appendleft(job)
             return None
-        read_fd, write_fd = os.pipe()  # both close-on-exec (PEP 446)
-        os.set_blocking(read_fd, False)
+        # One syscall for a close-on-exec, non-blocking pair; the child makes
+        # its end blocking again (child.prepare_child), off the worker's loop.
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._token = token = (self._token + 1) & 0x7FFFFFFF
         child = Child(token, job, read_fd, spawner, self._free_slot())
         self.children[token] = child

@@ -398,3 +398,9 @@ def write_intent(self: Task) -> str:
     except PermissionError as exc:
         return f"refused: {exc}"
     return "written"
+
+
+@app.task(name=task_name("big_result"))
+def big_result(size: int) -> str:
+    """A result far larger than a pipe holds: the child waits for the worker to read."""
+    return "x" * size

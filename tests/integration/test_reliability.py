@@ -195,6 +195,11 @@ def test_a_task_cannot_write_another_childs_intent(worker_c1: Worker) -> None:
     assert (state, answer) == ("SUCCESS", "refused: only the worker writes forkguard's intents")
 
 
+def test_a_result_larger_than_the_report_pipe_arrives_whole(worker_c1: Worker) -> None:
+    state, value = outcome(worker_c1.send("big_result", 4 << 20))
+    assert state == "SUCCESS" and len(value) == 4 << 20
+
+
 def test_task_log_lines_name_the_pool_process_as_prefork_does(worker_c1: Worker) -> None:
     assert outcome(worker_c1.send("add", 1, 2)) == ("SUCCESS", 3)
     wait_for(lambda: "/ForkPoolWorker-1]" in worker_c1.log(),
