@@ -147,7 +147,11 @@ class ForkServerClient:
 
     def request(self, token: int, job: Job, report_fd: int, slot: int) -> None:
         """Queue a request for a child; the report fd is closed once it is sent."""
-        payload = pickle.dumps(job_for_child(job, slot), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = pickle.dumps(job_for_child(job, slot), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            os.close(report_fd)
+            raise
         self._outbox.append([REQUEST.pack(token, len(payload)) + payload, report_fd])
         self.flush()
 

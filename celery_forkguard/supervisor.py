@@ -20,6 +20,7 @@ from typing import Callable
 
 from billiard.exceptions import Terminated
 from celery.utils.log import get_logger
+from kombu.exceptions import EncodeError
 
 from celery_forkguard import intents, outcomes, protocol
 from celery_forkguard.jobs import Job
@@ -241,7 +242,8 @@ class Supervisor(Kills, ServerCare):
 
     def _settle(self, child: Child) -> None:
         """The child is gone: decode its report and give the job its outcome."""
-        self._on_report_io(child)  # the rest of what it wrote, if any
+        if not child.report_eof:
+            self._on_report_io(child)  # the rest of what it wrote, if any
         self._release(child)
         job = child.job
         if not child.accepted:
@@ -285,6 +287,11 @@ class Supervisor(Kills, ServerCare):
         job.fail(error)
         self.on_job_done(job)
 
+    def _fail_before_start(self, job: Job, error: BaseException) -> None:
+        """A job that can never run: accepted first, so Celery acks it, then failed."""
+        job.accepted(0, self.clock())
+        self._finish_unstarted(job, error)
+
     # -- forking ------------------------------------------------------------------------------
 
     def _fill_slots(self) -> None:
@@ -308,9 +315,14 @@ class Supervisor(Kills, ServerCare):
         if spawner is None:
             self.pending.appendleft(job)
             return None
-        # One syscall for a close-on-exec, non-blocking pair; the child makes
-        # its end blocking again (child.prepare_child), off the worker's loop.
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            # One syscall for a close-on-exec, non-blocking pair; the child makes
+            # its end blocking again (child.prepare_child), off the worker's loop.
+            read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:  # out of fds: wait as for a fork shortage
+            self.pending.appendleft(job)
+            self._note_fork_shortage(exc.errno or errno.EMFILE, str(exc))
+            return None
         self._token = token = (self._token + 1) & 0x7FFFFFFF
         child = Child(token, job, read_fd, spawner, self._free_slot())
         self.children[token] = child
@@ -318,7 +330,14 @@ class Supervisor(Kills, ServerCare):
         child.timers.append(
             self.timers.call_later(self.spawn_timeout, self._spawn_overdue, child)
         )
-        spawner.request(token, job, write_fd, child.slot)
+        try:
+            spawner.request(token, job, write_fd, child.slot)
+        except Exception as exc:  # the job cannot be handed over (pickling)
+            self._release(child)
+            self._fail_before_start(job, EncodeError(
+                f"forkguard could not hand the task to its fork server: {exc!r}"
+            ))
+            return None
         self._watch_spawner(spawner)
         return child
 

@@ -444,6 +444,45 @@ def test_a_long_fork_shortage_is_logged_once_then_seldom_and_loses_nothing(
     assert harness.running_jobs() == [p.job for p in jobs]
 
 
+def test_running_out_of_fds_waits_like_a_fork_shortage(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_pipe2 = os.pipe2
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def pipe2(flags: int) -> tuple[int, int]:
+        if failures:
+            raise failures.pop()
+        return real_pipe2(flags)
+
+    monkeypatch.setattr(os, "pipe2", pipe2)
+    (probe,) = probes(1)
+    harness.submit(probe)
+    assert harness.pending_jobs() == [probe.job] and probe.errors == []
+    harness.advance(FORK_RETRY_FIRST)
+    assert harness.running_jobs() == [probe.job]
+
+
+def test_a_job_that_cannot_be_handed_over_is_acked_and_failed_with_a_clear_error(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(token: int, job: object, report_fd: int, slot: int) -> None:
+        os.close(report_fd)  # as the real client does when pickling fails
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+    monkeypatch.setattr(harness.forker, "request", refuse)
+    bad, good = probes(2)
+    harness.submit(bad)
+    monkeypatch.undo()
+    harness.submit(good)
+    assert len(bad.accepted) == 1  # so Celery acks it: it would fail the same way again
+    error = bad.error()
+    assert type(error).__name__ == "EncodeError"
+    assert "could not hand the task to its fork server" in str(error)
+    assert harness.done == [bad.job]
+    assert harness.running_jobs() == [good.job]
+
+
 # -- on_job_done ---------------------------------------------------------------
 
 
