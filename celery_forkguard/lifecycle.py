@@ -30,12 +30,15 @@ class Child:
     """A slot's occupant: one job, and what is known of the process running it."""
 
     __slots__ = (
-        "accepted", "exit_code", "job", "kill_error", "lost_code", "pending_stop", "pid",
+        "accepted", "asked_at", "eof_at", "exit_code", "job", "kill_error", "lost_code",
+        "pending_stop", "pid",
         "report", "report_eof", "report_fd", "settled", "slot", "spawner", "timers",
         "token",
     )
 
-    def __init__(self, token: int, job: Job, report_fd: int, spawner: Any, slot: int) -> None:
+    def __init__(
+        self, token: int, job: Job, report_fd: int, spawner: Any, slot: int, asked_at: float,
+    ) -> None:
         self.token = token
         self.job = job
         self.report_fd = report_fd
@@ -44,6 +47,9 @@ class Child:
         #: 1..limit: the child's ``ForkPoolWorker-N`` number, as prefork's.
         self.slot = slot
         self.pid: Optional[int] = None
+        #: When it was asked for, and when its report pipe closed (the clock's time).
+        self.asked_at = asked_at
+        self.eof_at: Optional[float] = None
         self.report = bytearray()
         self.report_eof = False
         self.exit_code: Optional[int] = None
@@ -92,8 +98,9 @@ class Child:
     def report_data(self, data: bytes) -> None:
         self.report += data
 
-    def report_closed(self) -> None:
-        self.report_eof = True
+    def report_closed(self, now: float) -> None:
+        if not self.report_eof:
+            self.report_eof, self.eof_at = True, now
         if self.lost_code is not None:
             self.exited(self.lost_code)
 

@@ -26,7 +26,7 @@ from celery_forkguard.forkserver_client import process_state
 from celery_forkguard.jobs import Job
 from celery_forkguard.lifecycle import Child
 from celery_forkguard.spawning import Spawner
-from celery_forkguard.timers import TimerHeap
+from celery_forkguard.timers import Timer, TimerHeap
 
 logger = get_logger(__name__)
 
@@ -37,6 +37,8 @@ LOST_GRACE = 5.0
 REAP_INTERVAL = 0.01
 #: How often children are looked for when the platform has no pidfds.
 EXIT_POLL_INTERVAL = 0.01
+#: The watchdog looks this many times per forkguard_fork_server_timeout.
+WATCH_TICKS = 4
 
 
 class ServerCare:
@@ -53,6 +55,8 @@ class ServerCare:
     _again: bool
     _early_exits: dict[tuple[int, int], int]
     _spawner_masks: dict[Spawner, int]
+    _watchdog: Timer | None
+    clock: Callable[[], float]
 
     # Provided by the Supervisor.
     def _on_spawner_io(self, spawner: Spawner, mask: int) -> None:
@@ -113,30 +117,37 @@ class ServerCare:
 
     # -- servers that stop answering, die, or retire -----------------------------------------
 
-    def _spawn_overdue(self, child: Child) -> None:
-        if child.pid is None and not child.settled and child.spawner in self._spawner_masks:
-            self._spawner_lost(
-                child.spawner, f"did not answer a request within {self.spawn_timeout:g}s"
+    def _arm_watchdog(self, after: float | None = None) -> None:
+        """One timer while there are children, not one per child: cheap on the hot path."""
+        if self._watchdog is None and self.children:
+            start = self.clock() if after is None else after
+            self._watchdog = self.timers.call_at(
+                start + self.spawn_timeout / WATCH_TICKS, self._watch_servers
             )
 
-    def _watch_exit(self, child: Child) -> None:
-        # The report pipe closed but the server has not said the child exited:
-        # if the child is a zombie past the deadline, the server is not reaping.
-        if child.exit_code is None and child.pid is not None and child.spawner.pid:
-            child.timers.append(
-                self.timers.call_later(self.spawn_timeout, self._exit_overdue, child)
-            )
+    def _watch_servers(self) -> None:
+        """Find fork servers that leave a request unanswered or a dead child unreaped."""
+        assert self._watchdog is not None
+        ticked, self._watchdog = self._watchdog.deadline, None
+        now = self.clock()
+        for child in list(self.children.values()):
+            why = self._overdue(child, now)
+            if why and child.spawner in self._spawner_masks:
+                self._spawner_lost(child.spawner, why)
+        self._arm_watchdog(after=ticked)  # on a fixed grid: no drift
 
-    def _exit_overdue(self, child: Child) -> None:
-        if child.settled or child.exit_code is not None or child.pid is None:
-            return
-        if is_zombie(child.pid) and child.spawner in self._spawner_masks:
-            self._spawner_lost(
-                child.spawner,
-                f"did not report the exit of pid {child.pid} within {self.spawn_timeout:g}s",
-            )
-        else:
-            self._watch_exit(child)  # alive: the task closed its report pipe itself
+    def _overdue(self, child: Child, now: float) -> str | None:
+        if child.settled or child.exit_code is not None:
+            return None
+        timeout = self.spawn_timeout
+        if child.pid is None and now - child.asked_at >= timeout:
+            return f"did not answer a request within {timeout:g}s"
+        # The report pipe closed, no exit heard: if the child is a zombie the
+        # server is not reaping (if it lives, the task closed the pipe itself).
+        if (child.pid is not None and child.eof_at is not None and child.spawner.pid
+                and now - child.eof_at >= timeout and is_zombie(child.pid)):
+            return f"did not report the exit of pid {child.pid} within {timeout:g}s"
+        return None
 
     def _spawner_lost(self, spawner: Spawner, why: str) -> None:
         """Stop a lost fork server for certain before its tasks are recorded.

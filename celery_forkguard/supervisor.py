@@ -28,7 +28,7 @@ from celery_forkguard.kills import Kills
 from celery_forkguard.lifecycle import Child
 from celery_forkguard.servers import ServerCare
 from celery_forkguard.spawning import EXITED, STARTED, Event, Spawner
-from celery_forkguard.timers import TimerHeap
+from celery_forkguard.timers import Timer, TimerHeap
 
 logger = get_logger(__name__)
 
@@ -79,6 +79,7 @@ class Supervisor(Kills, ServerCare):
         self._fork_delay = 0.0
         self._shortage_since: float | None = None
         self._shortage_logged = 0.0
+        self._watchdog: Timer | None = None
         self._init_kills()
         self.spawner: Spawner | None = None
         # At start a fork server that cannot be made stops the worker, saying why.
@@ -184,8 +185,7 @@ class Supervisor(Kills, ServerCare):
                 data = b""
             if not data:
                 self._unregister(fd)
-                child.report_closed()
-                self._watch_exit(child)
+                child.report_closed(self.clock())
                 return
             child.report_data(data)
 
@@ -324,12 +324,10 @@ class Supervisor(Kills, ServerCare):
             self._note_fork_shortage(exc.errno or errno.EMFILE, str(exc))
             return None
         self._token = token = (self._token + 1) & 0x7FFFFFFF
-        child = Child(token, job, read_fd, spawner, self._free_slot())
+        child = Child(token, job, read_fd, spawner, self._free_slot(), self.clock())
         self.children[token] = child
         self.selector.register(read_fd, selectors.EVENT_READ, (self._on_report_io, child))
-        child.timers.append(
-            self.timers.call_later(self.spawn_timeout, self._spawn_overdue, child)
-        )
+        self._arm_watchdog()
         try:
             spawner.request(token, job, write_fd, child.slot)
         except Exception as exc:  # the job cannot be handed over (pickling)
