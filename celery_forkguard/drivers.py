@@ -44,14 +44,13 @@ class HubDriver:
         self.supervisor.submit(job)
         self._arm()
 
-    def call(self, fun: Callable[..., Any], *args: Any) -> None:
-        fun(*args)
-        self._arm()
-
     def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
+        """Run *fun* now (this is the supervisor's thread) and return what it returns."""
         result = fun(*args)
         self._arm()
         return result
+
+    call = call_sync
 
     def _on_ready(self) -> None:
         self.supervisor.poll(0)
