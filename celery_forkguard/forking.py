@@ -63,20 +63,7 @@ class Forker:
         self._events.append(Event(STARTED, token, pid))
 
     def _fork(self, job: Job, report_fd: int) -> int:
-        flush_stdio()
-        saved_mask = fasthooks.block_all_signals()
-        try:
-            pid = os.fork()
-        except BaseException:
-            fasthooks.restore_signal_mask(saved_mask)
-            raise
-        if pid == 0:  # pragma: no cover - runs in the child
-            try:
-                self.child_main(job, report_fd, saved_mask)
-            finally:
-                os._exit(71)
-        fasthooks.restore_signal_mask(saved_mask)
-        return pid
+        return fork_with_signals_blocked(lambda mask: self.child_main(job, report_fd, mask))
 
     def events(self) -> list[Event]:
         for pid in self._exited_pids():
@@ -166,6 +153,31 @@ def _open_pidfd(pid: int) -> int | None:
         return _pidfd_open(pid)
     except OSError:
         return None
+
+
+def fork_with_signals_blocked(run_child: Callable[[Any], object], crash_code: int = 71) -> int:
+    """``fork()``; the child runs ``run_child(saved_mask)`` and leaves through ``os._exit``.
+
+    Every signal is blocked across the fork: one that arrives meanwhile stays
+    pending in the parent instead of running the parent's handler in the
+    child.  The parent restores its mask at once; the child gets the mask to
+    restore once its own handlers are in place.  Stdio is flushed first, or
+    buffered output would be written by both.
+    """
+    flush_stdio()
+    saved_mask = fasthooks.block_all_signals()
+    try:
+        pid = os.fork()
+    except BaseException:
+        fasthooks.restore_signal_mask(saved_mask)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            run_child(saved_mask)
+        finally:
+            os._exit(crash_code)
+    fasthooks.restore_signal_mask(saved_mask)
+    return pid
 
 
 def flush_stdio() -> None:

@@ -39,7 +39,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from celery_forkguard import fasthooks
-from celery_forkguard.forking import flush_stdio
+from celery_forkguard.forking import fork_with_signals_blocked
 
 if TYPE_CHECKING:
     from celery_forkguard.child import ChildContext
@@ -121,23 +121,15 @@ class _Server:
 
     def fork_child(self, payload: bytes, report_fd: int) -> int:
         """Fork one child; return its pid, or minus the errno if fork failed."""
-        flush_stdio()
-        saved_mask = fasthooks.block_all_signals()
         try:
-            pid = os.fork()
+            return fork_with_signals_blocked(lambda mask: self._run_child(payload, report_fd, mask))
         except OSError as exc:
-            fasthooks.restore_signal_mask(saved_mask)
             return -(exc.errno or 1)
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                self.sock.close()
-                gc.enable()
-                job = pickle.loads(payload)
-                self.child_main(self.ctx, job, report_fd, saved_mask)
-            finally:
-                os._exit(71)
-        fasthooks.restore_signal_mask(saved_mask)
-        return pid
+
+    def _run_child(self, payload: bytes, report_fd: int, saved_mask: Any) -> None:
+        self.sock.close()
+        gc.enable()
+        self.child_main(self.ctx, pickle.loads(payload), report_fd, saved_mask)
 
     def reap_children(self) -> None:
         while True:

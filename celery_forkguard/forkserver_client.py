@@ -17,11 +17,10 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from celery_forkguard import fasthooks
 from celery_forkguard.exceptions import ForkError
-from celery_forkguard.forking import flush_stdio, signal_process
+from celery_forkguard.forking import fork_with_signals_blocked, signal_process
 from celery_forkguard.forkserver import EVENT, EXITED, REQUEST, STARTED, serve
 from celery_forkguard.jobs import Job
 from celery_forkguard.spawning import EXITED as EXITED_EVENT
@@ -58,27 +57,20 @@ class ForkServerClient:
     def start(self) -> None:
         """Fork the server; a clear error if the system will not let us."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        flush_stdio()
-        # Blocked across fork: a signal now must not run the worker's handler
-        # in the server; serve() unblocks once its own handlers are in place.
-        saved_mask = fasthooks.block_all_signals()
+
+        def run_server(saved_mask: Any) -> None:
+            ours.close()
+            serve(self.ctx, theirs, saved_mask)
+
         try:
-            pid = os.fork()
+            pid = fork_with_signals_blocked(run_server, crash_code=70)
         except OSError as exc:
-            fasthooks.restore_signal_mask(saved_mask)
             ours.close()
             theirs.close()
             raise ForkError(
                 f"forkguard could not start its fork server: fork() failed: {exc} "
                 "(the process limit, RLIMIT_NPROC / ulimit -u, may be too low)"
             ) from exc
-        if pid == 0:  # pragma: no cover - the server process
-            try:
-                ours.close()
-                serve(self.ctx, theirs, saved_mask)
-            finally:
-                os._exit(70)
-        fasthooks.restore_signal_mask(saved_mask)
         theirs.close()
         ours.setblocking(False)
         self.pid, self._sock = pid, ours
