@@ -38,23 +38,27 @@ class HubDriver:
         self.hub = hub
         self._timer: Any = None
         self._armed_for: float | None = None
+        #: How many calls into the supervisor are on the stack: more than none
+        #: when a signal handler interrupts one (Celery 5.5's cold shutdown).
+        self._depth = 0
         hub.add_reader(supervisor.fileno(), self._on_ready)
 
     def submit(self, job: Job, block: bool = False) -> None:
-        self.supervisor.submit(job)
-        self._arm()
+        self.call_sync(self.supervisor.submit, job)
 
     def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
         """Run *fun* now (this is the supervisor's thread) and return what it returns."""
-        result = fun(*args)
-        self._arm()
-        return result
+        self._depth += 1
+        try:
+            return fun(*args)
+        finally:
+            self._depth -= 1
+            self._arm()
 
     call = call_sync
 
     def _on_ready(self) -> None:
-        self.supervisor.poll(0)
-        self._arm()
+        self.call_sync(self.supervisor.poll, 0)
 
     def _arm(self) -> None:
         """Keep one hub timer set for the supervisor's nearest deadline."""
@@ -74,12 +78,17 @@ class HubDriver:
         self._armed_for = None
         self._on_ready()
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Wait for every child at shutdown, when the hub no longer runs.
 
         The hub's timers (heartbeats) keep firing, and the ack/reject calls
         Celery queued on it for finished tasks are run so nothing is lost.
+        Returns False, having done nothing, when called from a signal handler
+        that interrupted the supervisor: its state is half-way through a
+        change, and the interrupted call must finish first.
         """
+        if self._depth:
+            return False
         with contextlib.suppress(Exception):
             self.hub.remove_reader(self.supervisor.fileno())
         while self.supervisor.busy():
@@ -87,6 +96,7 @@ class HubDriver:
             self.supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
             self._service_hub()
         self._service_hub()
+        return True
 
     def _service_hub(self) -> None:
         try:
@@ -211,7 +221,7 @@ class ThreadDriver:
             timeout = supervisor.next_timeout()
             supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Let every accepted job finish, then stop the thread."""
         with self._slots:
             self._stopping = True
@@ -220,3 +230,4 @@ class ThreadDriver:
         self._thread.join()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+        return True

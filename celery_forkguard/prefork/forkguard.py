@@ -86,9 +86,15 @@ class TaskPool(BasePool):
         return self._supervisor is not None
 
     def on_stop(self) -> None:
-        """Warm shutdown: every task the pool accepted runs to its end."""
-        if self._driver is not None:
-            self._driver.drain()
+        """Warm shutdown: every task the pool accepted runs to its end.
+
+        Celery 5.5's cold shutdown calls this from its signal handler, which
+        may have interrupted the pool itself: then nothing is done here (no
+        logging either, in a signal handler) and the pool ends when Celery
+        terminates it, as soon as the handler has returned.
+        """
+        if self._driver is not None and not self._driver.drain():
+            return
         self._close()
 
     def on_terminate(self) -> None:
@@ -97,7 +103,8 @@ class TaskPool(BasePool):
             self.stop_running(stopping.cold_shutdown, again=True)
             # Jobs never started were never acked: the broker redelivers them.
             self._driver.call(self._supervisor.withdraw_queued)
-            self._driver.drain()
+            if not self._driver.drain():
+                return  # from a signal handler inside the pool: see on_stop
         self._close()
 
     def on_close(self) -> None:
@@ -173,9 +180,13 @@ class TaskPool(BasePool):
         correlation_id: str | None = None,
         waitforslot: bool | None = None,
         **_: Any,
-    ) -> Job:
+    ) -> Job | None:
         if self._driver is None:
-            raise RuntimeError("forkguard pool is not running")
+            # Stopped (a cold shutdown) while messages were still arriving: the
+            # message is not acked, so the broker delivers it again elsewhere.
+            logger.warning("forkguard: the pool is stopped; task %s is left to the broker",
+                           correlation_id)
+            return None
         job = Job(
             target, args or (), kwargs,
             callback=callback, error_callback=error_callback,
