@@ -4,6 +4,7 @@
     nox -s lint
     nox -s tests         # every pairing below; one: nox -s "tests(3.11-celery5.7.0)"
     nox -s install
+    nox -s chaos         # the bounded fault suite (tests/chaos), as CI runs it
     nox -s bench -- --tasks 2000 --rounds 3
 
 Each test session pairs one Python with one Celery release instead of
@@ -134,7 +135,8 @@ def tests(session: nox.Session, celery: str) -> None:
     session.install(".[test]", f"celery=={celery}")
     session.run("python", "-c", "import celery, sys; print('celery', celery.__version__, "
                 "'on python', sys.version.split()[0])")
-    session.run("python", "-m", "pytest", "tests/unit", "tests/integration", *session.posargs)
+    session.run("python", "-m", "pytest", "tests/unit", "tests/integration",
+                "-m", "not sustained", *session.posargs)
 
 
 @nox.session
@@ -142,6 +144,15 @@ def install(session: nox.Session) -> None:
     """Tests of installing the package the way users do (tests/install)."""
     session.install(".[test]")
     session.run("python", "-m", "pytest", "tests/install", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The bounded fault suite: real workers, injected faults, one figure line per case."""
+    session.install(".[test]")
+    # With the sustained-load integration tests, which are too long to run per pairing.
+    session.run("python", "-m", "pytest", "tests/chaos", "tests/integration",
+                "-m", "sustained or chaos", *session.posargs)
 
 
 @nox.session

@@ -59,17 +59,14 @@ Helpers (import them with ``from .conftest import ...``)
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import psutil
 import pytest
@@ -77,9 +74,18 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from . import proj
+# Re-exported too: the test modules import pid_alive, require_service and wait_for from here.
+from tests.harness import pid_alive as pid_alive
+from tests.harness import require_service as require_service
+from tests.harness import (
+    session_pids,
+    start_in_session,
+    stop_session,
+    wait_answering,
+    wait_for,
+)
 
-T = TypeVar("T")
+from . import proj
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -98,45 +104,16 @@ WORKER_STOP_TIMEOUT = 15.0
 # -- helpers --------------------------------------------------------------------------------
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
-             message: str = "") -> T:
-    """Poll *predicate* until it returns a true value; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            what = message or getattr(predicate, "__name__", repr(predicate))
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def outcome(result: AsyncResult, timeout: float = 20.0) -> tuple[str, Any]:
     """``(state, value)`` of a finished task; the value is the exception on failure."""
     value = result.get(timeout=timeout, propagate=False)
     return result.state, value
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether *pid* still runs; a zombie has exited and counts as gone."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def started_pid(evidence: proj.Evidence, task_id: str, timeout: float = 15.0) -> int:
     """The pid of the child running a task, recorded by the task as it started."""
     return int(wait_for(lambda: evidence.fields(task_id).get("pid"), timeout=timeout,
                         message=f"task {task_id} to start"))
-
-
-def require_service(reason: str) -> None:
-    """Skip a test whose service is missing; on CI, fail it loudly instead."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def _redis_problem() -> Optional[str]:
@@ -292,19 +269,8 @@ class Worker:
             return False
 
     def session_pids(self) -> list[int]:
-        """Live processes of the worker's session: the worker and its children.
-
-        Children leave the worker's process group (they call setpgrp) but
-        not its session, so the session id finds every one of them.
-        """
-        found = []
-        for pid in psutil.pids():
-            try:
-                if os.getsid(pid) == self.pid and pid_alive(pid):
-                    found.append(pid)
-            except OSError:
-                continue
-        return found
+        """Live processes of the worker's session: the worker and its children."""
+        return session_pids(self.pid)
 
     def wait_exit(self, timeout: float) -> int:
         """The worker's exit code, once it has exited (within *timeout*)."""
@@ -312,21 +278,7 @@ class Worker:
 
     def stop(self) -> list[int]:
         """TERM the worker's group, KILL it after a deadline; return leftover pids."""
-        if self.proc.poll() is None:
-            _signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=WORKER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout=WORKER_STOP_TIMEOUT)
-        # Children die with the worker (PR_SET_PDEATHSIG); give them a moment to.
-        leftovers: list[int] = []
-        with contextlib.suppress(AssertionError):
-            wait_for(lambda: not self.session_pids(), timeout=5.0)
-        for pid in self.session_pids():
-            leftovers.append(pid)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        leftovers = stop_session(self.proc, WORKER_STOP_TIMEOUT)
         self._delete_queue()
         self.app.close()
         return leftovers
@@ -340,11 +292,6 @@ class Worker:
             # Declaring first tells kombu's Redis channel which bindings to drop.
             queue.declare()
             queue.delete()
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
 
 
 def client_app(env: dict[str, str]) -> Celery:
@@ -400,27 +347,12 @@ class WorkerFactory:
             "--without-mingle", "--without-gossip",
             *extra_args,
         ]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                command, cwd=REPO_ROOT, env={**os.environ, **env, **extra_env},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_in_session(command, {**env, **extra_env}, log_path)
         return Worker(proc, hostname, queue, log_path, client_app(env), self.broker, env)
 
     def _wait_ready(self, worker: Worker) -> None:
-        def answers() -> bool:
-            if worker.proc.poll() is not None:
-                raise AssertionError(
-                    f"worker exited with {worker.proc.returncode} while starting:\n{worker.log()}"
-                )
-            return worker.ping()
-
-        try:
-            wait_for(answers, timeout=WORKER_BOOT_TIMEOUT,
-                     message=f"{worker.hostname} to answer ping")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- worker log ---\n{worker.log()}") from None
+        wait_answering(worker.proc, worker.ping, worker.log, WORKER_BOOT_TIMEOUT,
+                       f"{worker.hostname} to answer ping")
 
     def close(self) -> None:
         problems = []

@@ -65,6 +65,7 @@ def fork_server_of(worker: Worker) -> psutil.Process:
 # -- sustained load ------------------------------------------------------------------------
 
 
+@pytest.mark.sustained
 def test_thousands_of_tasks_over_several_rounds_never_stall_or_run_twice(
     start_worker: WorkerFactory, evidence: proj.Evidence,
 ) -> None:

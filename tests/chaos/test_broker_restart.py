@@ -1,0 +1,103 @@
+"""Case 3: the broker (a Redis of our own) restarts while early-ack tasks stream.
+
+The private ``redis-server`` keeps an append-only file, so what is queued
+survives the restart; results and evidence live on the shared Redis, which
+stays up.  The worker loses its connection, reconnects (Celery retries), and
+carries on.  The pool drops the jobs still waiting for a slot (Celery calls
+``flush``): their messages were never acked and the broker delivers them
+again, so running them too would run them twice.
+
+Two things the Redis *transport* does at a restart are counted apart:
+
+- ``stranded``: prefetched messages kombu tried to give back as the
+  connection closed, while Redis was down ("Restoring N unacknowledged
+  message(s)" then a connection error).  They stay in Redis's ``unacked``
+  hash, never started, until a worker restores them after the visibility
+  timeout (an hour by default).  The test restores them itself as
+  ``restore_visible`` would, and they must then run once.
+- ``ack_lost``: a task that started as Redis went down; Celery's early ack
+  failed ("Couldn't ack"), so its message is still unacked although the task
+  ran.  After the visibility timeout Redis would deliver it again: early ack
+  is at most once only if the ack reaches the broker.  The test leaves them
+  unacked and checks they ran once.
+
+The test's sender never publishes while the broker restarts (it holds the
+same lock), so a publish that failed was never half-done and its retry
+cannot queue a second copy.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from tests.chaos.brokers import PrivateRedis, RedisQueue
+from tests.chaos.case import Case, Stream, jitter
+from tests.chaos.workers import ChaosWorker
+from tests.harness import wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+
+TASKS = 300
+RESTARTS = 2
+CONCURRENCY = 2
+
+
+def test_redis_restart_mid_stream(open_case, private_redis: PrivateRedis) -> None:
+    case: Case = open_case("redis-restart", broker_url=private_redis.url(0))
+    worker = case.start_worker(concurrency=CONCURRENCY)
+    lock = threading.Lock()
+    stream = Stream(lambda i: case.send("work", random.uniform(0.01, 0.08)), TASKS,
+                    jitter(0.0, 0.04), lock)
+    stream.start()
+    for restart in range(1, RESTARTS + 1):
+        # Restart mid-stream: once the worker has finished a share of the tasks.
+        share = TASKS * restart // (RESTARTS + 1)
+        wait_for(lambda n=share: case.ledger.finished_count() >= n, timeout=120,
+                 message=f"progress before restart {restart}")
+        with lock:
+            private_redis.restart()
+        wait_for(lambda r=restart: worker.log().count("Connection to broker lost") >= r,
+                 timeout=30, message=f"the worker to see restart {restart}")
+    stream.finish()
+
+    assert isinstance(case.broker, RedisQueue)
+    drained = wait_drained(case, worker)
+    stranded, ack_lost = split_unacked(case, case.broker.unacked())
+    case.broker.restore(case.app, stranded)
+    settled = drained and case.ledger.settle(
+        lambda left: not left and not case.broker.ready_ids(), timeout=120)
+    figures = case.report(notes=f"stranded={len(stranded)} ack_lost={len(ack_lost)}")
+
+    assert settled, f"the queue did not drain; lost: {figures.lost_ids}"
+    case.check(figures)
+    assert figures.done == TASKS, "every early-ack task ran to the end"
+    # What is left unacked ran once, and Celery logged that its ack failed.
+    assert set(case.broker.unacked()) == set(ack_lost)
+    for tag in ack_lost:
+        assert f"Couldn't ack {tag!r}" in worker.log(), tag
+    assert worker.alive() and worker.ping()
+
+
+
+def wait_drained(case: Case, worker: ChaosWorker) -> bool:
+    """Wait until the worker is idle, nothing waits in the queue, and what is
+    not over is in Redis's unacked hash (where only a restore gets it out)."""
+    assert isinstance(case.broker, RedisQueue)
+    broker = case.broker
+
+    def quiet(left: list[str]) -> bool:
+        return (not broker.ready_ids() and set(left) <= set(broker.unacked().values())
+                and worker.idle())
+
+    return case.ledger.settle(quiet, timeout=120)
+
+
+def split_unacked(case: Case, unacked: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Delivery tags of unacked messages whose task never ran, and of those that ran."""
+    runs = case.ledger.runs(unacked.values())
+    never = [tag for tag, task_id in unacked.items() if runs[task_id] == 0]
+    ran = [tag for tag, task_id in unacked.items() if runs[task_id] > 0]
+    return never, ran
