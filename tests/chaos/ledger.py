@@ -61,6 +61,16 @@ class Outcome:
         # (its "cancelled by Celery" text does not survive the JSON of a Retry).
         return self.state == "RETRY"
 
+    @property
+    def cold_killed(self) -> bool:
+        """Killed by the pool at a cold shutdown, Celery not having cancelled it first.
+
+        A task whose child was still being forked when Celery 5.5 cancelled the
+        active ones is not active yet: the pool then kills it as it ends, and
+        records it so (the README's "cold shutdown" row); it never runs again.
+        """
+        return self.state == "FAILURE" and "cold shutdown killed the task" in (self.error or "")
+
 
 @dataclass
 class Figures:
