@@ -152,7 +152,7 @@ def chaos(session: nox.Session) -> None:
     session.install(".[test]")
     # With the sustained-load integration tests, which are too long to run per pairing.
     session.run("python", "-m", "pytest", "tests/chaos", "tests/integration",
-                "-m", "sustained or chaos", *session.posargs)
+                "-m", "sustained or chaos or deploy", *session.posargs)
 
 
 @nox.session
