@@ -6,6 +6,7 @@
     nox -s install
     nox -s chaos         # the bounded fault suite (tests/chaos), as CI runs it
     nox -s bench -- --tasks 2000 --rounds 3
+    nox -s build         # sdist and wheel, twine check, contents and metadata
 
 Each test session pairs one Python with one Celery release instead of
 running the full cross product: every supported Python and every supported
@@ -168,3 +169,17 @@ def bench(session: nox.Session) -> None:
     """Throughput of forkguard against prefork (needs Redis; see benchmarks/README.md)."""
     session.install(".[test]")
     session.run("python", "-m", "benchmarks.throughput", *session.posargs)
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and the wheel, ``twine check --strict`` them, check what they hold."""
+    session.install("build", "twine")
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    # Without --sdist/--wheel, build makes the sdist and then the wheel from it,
+    # so this also proves the sdist builds.
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    artifacts = sorted(str(p) for p in dist.iterdir())
+    session.run("twine", "check", "--strict", *artifacts)
+    session.run("python", str(ROOT / ".ci" / "check_dist.py"), str(dist))
