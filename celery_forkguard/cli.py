@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from typing import Any
 
 import click
@@ -119,3 +121,81 @@ def kill(ctx: click.Context, task_id: str | None, kill_all: bool, destination: s
         raise click.UsageError("give a TASK_ID or --all (not both)")
     args = {"task_id": task_id} if task_id else {}
     _print(ctx, _broadcast(ctx, "forkguard_kill", destination, timeout, args), as_json)
+
+
+@forkguard.command(cls=CeleryCommand)
+@_with_common
+@click.pass_context
+def reload(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
+    """Ask each worker's ``forkguard starter`` for a new generation (like HUP)."""
+    _print(ctx, _broadcast(ctx, "forkguard_reload", destination, timeout), as_json)
+
+
+#: Worker options the starter sets itself, or that two generations cannot share.
+_REFUSED = {
+    "-P": "the starter always runs -P forkguard",
+    "--pool": "the starter always runs -P forkguard",
+    "-D": "the starter is the long-lived process: run it in the foreground",
+    "--detach": "the starter is the long-lived process: run it in the foreground",
+    "--pidfile": "two generations overlap during a reload and cannot share a pidfile",
+}
+
+
+@forkguard.command(
+    cls=CeleryCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.option("--ready-timeout", type=float, default=None,
+              help="Seconds a new generation has to start consuming before the "
+                   "deploy counts as failed (default: forkguard_ready_timeout, 120).")
+@click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def starter(ctx: click.Context, ready_timeout: float | None,
+            worker_args: tuple[str, ...]) -> None:
+    """Run a worker and reload it on HUP with no lost or killed task.
+
+    WORKER_ARGS are ``celery worker`` options (``-c 4 -Q default -l info``).
+    HUP starts a new generation from a fresh exec and retires the old one once
+    the new one consumes; USR1, USR2, CONT, TTIN and TTOU go to the current
+    generation; TERM, INT and QUIT stop every generation.
+    """
+    from celery_forkguard.settings import load_settings
+    from celery_forkguard.starter import Starter
+
+    for arg in worker_args:
+        reason = _REFUSED.get(arg.split("=", 1)[0])
+        if reason is not None:
+            raise click.UsageError(f"{arg}: {reason}")
+    app = ctx.obj.app
+    if ready_timeout is None:
+        ready_timeout = load_settings(app.conf).ready_timeout
+    argv = [sys.executable, "-m", "celery", *_global_options(ctx),
+            "worker", "-P", "forkguard", *worker_args]
+    _log_to_stderr()
+    ctx.exit(Starter(argv, ready_timeout).run())
+
+
+def _global_options(ctx: click.Context) -> list[str]:
+    """The ``celery`` options this command was given, for each generation's command."""
+    params = ctx.find_root().params
+    options = []
+    for name, flag in (("app", "--app"), ("broker", "--broker"),
+                       ("result_backend", "--result-backend"), ("loader", "--loader"),
+                       ("config", "--config")):
+        value = params.get(name)
+        if value and isinstance(value, str):
+            options += [flag, value]
+    for name, flag in (("no_color", "--no-color"), ("quiet", "--quiet"),
+                       ("skip_checks", "--skip-checks")):
+        if params.get(name):
+            options.append(flag)
+    return options
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/starter] %(message)s"))
+    logger = logging.getLogger("celery_forkguard.starter")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

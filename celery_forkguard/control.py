@@ -40,6 +40,12 @@ def forkguard_kill(state: Any, task_id: str | None = None) -> dict[str, Any]:
     return {"ok": f"killed {len(killed)} task(s)", "killed": killed}
 
 
+@control_command()
+def forkguard_reload(state: Any) -> dict[str, Any]:
+    """Ask this worker's ``celery forkguard starter`` for a new generation (like HUP)."""
+    return _controller(state).request_reload()
+
+
 @inspect_command()
 def forkguard_status(state: Any) -> dict[str, Any]:
     """Paused or not, each running child, and counts of killed tasks."""

@@ -21,6 +21,7 @@ from celery.worker import state as worker_state
 from celery_forkguard import stopping, titles
 from celery_forkguard.relay import SignalRelay
 from celery_forkguard.settings import ForkguardSettings
+from celery_forkguard.starter_link import starter_link
 
 if TYPE_CHECKING:
     from celery_forkguard.prefork import TaskPool
@@ -40,6 +41,8 @@ class Controller:
         self.settings = settings
         self.paused = False
         self.shutting_down = False
+        self.retiring = False
+        self._reported_running: int | None = None
         self.killed: Counter[str] = Counter()
         self.handed_back = 0
         self._saved_on_task_request: Any = None
@@ -54,6 +57,9 @@ class Controller:
         names = ["SIGUSR1", "SIGUSR2", "SIGCONT", "SIGTTIN", "SIGTTOU"]
         if self.settings.term_child:
             names.append("SIGTERM")
+        if starter_link() is not None:
+            # Only under a starter: in a terminal, WINCH means "resized".
+            names.append("SIGWINCH")
         return names
 
     def dispatch(self, signame: str) -> None:
@@ -77,6 +83,9 @@ class Controller:
 
     def handle_term(self) -> None:
         self.begin_term_child_shutdown()
+
+    def handle_winch(self) -> None:
+        self.retire("the starter (a newer generation is consuming)")
 
     # -- kill ------------------------------------------------------------------------
 
@@ -170,19 +179,43 @@ class Controller:
         self.consumer._update_prefetch_count(delta)
         logger.warning("forkguard: pool size now %d", self.pool.num_processes)
 
-    # -- term_child shutdown ----------------------------------------------------------
+    # -- term_child shutdown and retire ---------------------------------------------
 
     def begin_term_child_shutdown(self) -> None:
         """TERM with term_child: stop taking work, TERM children, KILL late ones, exit."""
+        self._begin_shutdown("TERM", self.settings.pre_shutdown_timeout)
+
+    def retire(self, why: str) -> None:
+        """Hand over to a newer generation: stop consuming, finish running tasks, exit.
+
+        Running tasks get ``forkguard_retire_timeout``; then the term_child
+        sequence stops what is left (TERM, term_timeout, KILL; acks_late
+        tasks requeued).
+        """
         if self.shutting_down:
             return
+        self.retiring = True
+        logger.warning("forkguard: retiring, asked by %s: tasks running now get up to %gs",
+                       why, self.settings.retire_timeout)
+        self._begin_shutdown("retire", self.settings.retire_timeout)
+
+    def _begin_shutdown(self, why: str, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        if self.shutting_down:
+            # TERM during a retire: the shorter of the two deadlines wins.
+            if not self._children_termed and deadline < self._shutdown_deadline:
+                self._shutdown_deadline = deadline
+                logger.warning("forkguard: %s: running tasks now get up to %gs", why, grace)
+            return
         self.shutting_down = True
-        self.pause("TERM")
-        self._shutdown_deadline = time.monotonic() + self.settings.pre_shutdown_timeout
+        self.pause(why)
+        self._shutdown_deadline = deadline
         self._shutdown_tick()
 
     def _shutdown_tick(self) -> None:
-        if not self.pool.running():
+        running = self.pool.running()
+        self._report_retiring(len(running))
+        if not running:
             self._exit_warm()
             return
         if not self._children_termed and time.monotonic() >= self._shutdown_deadline:
@@ -191,6 +224,18 @@ class Controller:
             logger.warning("forkguard: sent TERM to %d task(s)", len(stopped))
         self.consumer.timer.call_after(SHUTDOWN_TICK, self._shutdown_tick)
 
+    def _report_retiring(self, running: int) -> None:
+        """Tell the starter (and ``ps``) how many tasks the retiring worker still runs."""
+        link = starter_link()
+        if not self.retiring or running == self._reported_running:
+            return
+        self._reported_running = running
+        if link is not None:
+            link.send(f"retiring {running}")
+        if self._title_before_pause is not None:
+            titles.set_title(f"{self._title_before_pause} "
+                             f"[forkguard: retiring, {running} task(s) running]")
+
     def _exit_warm(self) -> None:
         from celery.platforms import EX_OK
 
@@ -198,13 +243,39 @@ class Controller:
         worker_state.should_stop = EX_OK
         self.relay.wake()
 
+    # -- starter ------------------------------------------------------------------------
+
+    def announce_ready(self) -> None:
+        """Tell the starter (if any) that this worker consumes."""
+        link = starter_link()
+        if link is not None and not self.shutting_down:
+            link.send("ready")
+
+    def request_reload(self) -> dict[str, Any]:
+        """``forkguard_reload``: ask this worker's starter for a new generation."""
+        link = starter_link()
+        if link is None:
+            return {"error": "not run by `celery forkguard starter`: "
+                             "restart this worker to load new code"}
+        if self.shutting_down:
+            return {"ok": "retiring or stopping: reload left to the current generation"}
+        if not link.send("reload"):
+            return {"error": f"its starter (pid {link.starter_pid}) is not reading"}
+        logger.warning("forkguard: asked starter pid %d for a reload", link.starter_pid)
+        return {"ok": f"reload requested from starter pid {link.starter_pid} "
+                      f"(this is generation {link.generation})"}
+
     # -- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        link = starter_link()
         return {
             "paused": self.paused,
             "shutting_down": self.shutting_down,
+            "retiring": self.retiring,
+            "generation": link.generation if link is not None else None,
+            "starter_pid": link.starter_pid if link is not None else None,
             "concurrency": self.pool.num_processes,
             "running": [child.describe(now) for child in self.pool.running()],
             "killed": dict(self.killed),

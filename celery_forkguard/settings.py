@@ -91,6 +91,17 @@ SETTINGS = (
         "records their tasks as lost, and starts a new one.",
     ),
     Setting(
+        "forkguard_retire_timeout", 300.0, parse_seconds, ("FORKGUARD_RETIRE_TIMEOUT",),
+        "Seconds a generation retired by `celery forkguard starter` (after a reload) "
+        "lets its running tasks finish before the term_child sequence: TERM, "
+        "forkguard_term_timeout, KILL, acks_late tasks requeued.",
+    ),
+    Setting(
+        "forkguard_ready_timeout", 120.0, parse_interval, ("FORKGUARD_READY_TIMEOUT",),
+        "Seconds `celery forkguard starter` gives a new generation to start consuming "
+        "before it calls the deploy failed, stops it and keeps the old one serving.",
+    ),
+    Setting(
         "forkguard_memory_check_interval", 0.5, parse_interval,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
@@ -107,6 +118,8 @@ class ForkguardSettings:
     memory_check_interval: float = 0.5
     fork_server: bool = True
     fork_server_timeout: float = 10.0
+    retire_timeout: float = 300.0
+    ready_timeout: float = 120.0
 
 
 def load_settings(

@@ -40,6 +40,9 @@ class ForkguardControl(bootsteps.StartStopStep):
             # The consumer was restarted (connection lost) while paused: the
             # loop starts consuming again; stop it once it has.
             c.call_soon(controller.stop_consuming)
+        else:
+            # The task consumer started before this step (``requires``).
+            controller.announce_ready()
 
 
 def install_consumer_step(app: Any) -> None:

@@ -23,6 +23,7 @@ from celery_forkguard.jobs import Job
 from celery_forkguard.lifecycle import Child
 from celery_forkguard.settings import ForkguardSettings, load_settings
 from celery_forkguard.spawning import Spawner
+from celery_forkguard.starter_link import starter_link
 from celery_forkguard.steps import install_consumer_step
 from celery_forkguard.supervisor import Supervisor
 
@@ -50,6 +51,9 @@ class TaskPool(BasePool):
         self.settings = load_settings(app.conf) if app is not None else ForkguardSettings()
         if app is not None:
             install_consumer_step(app)
+        # Take the starter's link (if any) out of the environment before the
+        # fork server and the children copy it.
+        starter_link()
 
     # -- life cycle --------------------------------------------------------------
 

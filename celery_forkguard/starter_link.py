@@ -1,0 +1,74 @@
+"""A worker's side of ``celery forkguard starter``: one pipe, one line per event.
+
+The starter passes the write end of a pipe to each worker generation it
+starts, and names it in ``FORKGUARD_STARTER_FD``.  The worker writes short
+lines to it; the starter reads them in its loop:
+
+``ready``
+    the worker consumes: the starter may retire the generation before it;
+``retiring N``
+    the worker stopped consuming for a retire and still runs N tasks;
+``reload``
+    ``forkguard_reload`` reached this worker: the starter should reload.
+
+The variable is removed from the environment as soon as it is read, and the
+fd is close-on-exec, so a task that runs a program (even another worker)
+does not inherit the link.  Writes never block: a starter that stopped
+reading must not stall the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+ENV_FD = "FORKGUARD_STARTER_FD"
+ENV_PID = "FORKGUARD_STARTER_PID"
+ENV_GENERATION = "FORKGUARD_GENERATION"
+
+
+class StarterLink:
+    """The write end of the pipe to this worker's starter."""
+
+    def __init__(self, fd: int, starter_pid: int, generation: int) -> None:
+        self.fd = fd
+        self.starter_pid = starter_pid
+        self.generation = generation
+
+    def send(self, line: str) -> bool:
+        """Write one line; False when the starter is gone or not reading."""
+        try:
+            return os.write(self.fd, f"{line}\n".encode()) > 0
+        except OSError:  # EAGAIN (full pipe), EPIPE (starter gone)
+            return False
+
+
+_link: Optional[StarterLink] = None
+_looked = False
+
+
+def starter_link() -> Optional[StarterLink]:
+    """This worker's link to its starter, or None when no starter runs it."""
+    global _link, _looked
+    if not _looked:
+        _looked = True
+        _link = _take_from_environment()
+    return _link
+
+
+def _take_from_environment() -> Optional[StarterLink]:
+    raw_fd = os.environ.pop(ENV_FD, None)
+    raw_pid = os.environ.pop(ENV_PID, None)
+    raw_generation = os.environ.pop(ENV_GENERATION, None)
+    if raw_fd is None:
+        return None
+    try:
+        fd = int(raw_fd)
+        os.set_inheritable(fd, False)
+        os.set_blocking(fd, False)
+    except (ValueError, OSError):
+        return None
+    with contextlib.suppress(ValueError, TypeError):
+        return StarterLink(fd, int(raw_pid or 0), int(raw_generation or 0))
+    return StarterLink(fd, 0, 0)
