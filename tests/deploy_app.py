@@ -21,9 +21,8 @@ import os
 import time
 
 import redis
-from celery import Celery
-
 import release  # type: ignore[import-not-found]  # the deploy's own module
+from celery import Celery
 
 app = Celery("deploy_app", broker=os.environ["DEPLOY_BROKER"],
              backend=os.environ["DEPLOY_BACKEND"])
