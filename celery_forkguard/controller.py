@@ -21,7 +21,7 @@ from celery.worker import state as worker_state
 from celery_forkguard import stopping, titles
 from celery_forkguard.relay import SignalRelay
 from celery_forkguard.settings import ForkguardSettings
-from celery_forkguard.starter_link import starter_link
+from celery_forkguard.starter_link import starter_link, stop_as_on_term
 
 if TYPE_CHECKING:
     from celery_forkguard.prefork import TaskPool
@@ -244,6 +244,18 @@ class Controller:
         self.relay.wake()
 
     # -- starter ------------------------------------------------------------------------
+
+    def watch_starter(self) -> None:
+        """Stop as on TERM when the starter dies (an orphan would outlive a restart)."""
+        link = starter_link()
+        if link is not None:
+            link.watch(self._starter_lost)
+
+    def _starter_lost(self) -> None:
+        link = starter_link()
+        logger.error("forkguard: starter pid %d is gone: stopping as on TERM",
+                     link.starter_pid if link else 0)
+        stop_as_on_term()
 
     def announce_ready(self) -> None:
         """Tell the starter (if any) that this worker consumes."""

@@ -12,6 +12,7 @@ import contextlib
 import enum
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -39,7 +40,7 @@ class State(enum.Enum):
 class Generation:
     number: int
     pid: int
-    link_fd: int  # the read end of the generation's pipe to the starter
+    link: socket.socket  # the starter's end of the generation's link
     started_at: float
     state: State = State.STARTING
     ready_at: Optional[float] = None
@@ -47,6 +48,10 @@ class Generation:
     kill_at: Optional[float] = None  # when a FAILED generation gets SIGKILL
     exit_status: Optional[int] = None
     _buffer: bytes = field(default=b"", repr=False)
+
+    @property
+    def link_fd(self) -> int:
+        return self.link.fileno()
 
     def label(self) -> str:
         return f"generation {self.number} (pid {self.pid})"
@@ -57,12 +62,17 @@ class Generation:
             part += f", {self.running} task(s) running"
         return part + ")"
 
+    eof: bool = False
+
     def read_lines(self) -> list[str]:
-        """Whole lines the generation has written; [] at EOF or when none is whole."""
+        """Whole lines the generation has written ([] when none is whole); sets ``eof``."""
         try:
             data = os.read(self.link_fd, 4096)
         except (BlockingIOError, InterruptedError):
             return []
+        except OSError:
+            data = b""
+        self.eof = not data
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         return [line.decode(errors="replace").strip() for line in lines if line.strip()]
@@ -81,33 +91,36 @@ class Generation:
         self.signal(signal.SIGKILL)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.link_fd)
+        self.link.close()
 
 
 def spawn_generation(number: int, argv: Sequence[str], environ: Mapping[str, str],
                      cwd: str) -> Generation:
-    """Start *argv* as generation *number* in a new session, with its link."""
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    os.set_blocking(read_fd, False)
+    """Start *argv* as generation *number* in a new session, with its link.
+
+    The link is a socket pair: the worker writes its lines to it, and sees
+    EOF on it when the starter is gone (then it stops as on TERM).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
     env = dict(environ)
-    env[ENV_FD] = str(write_fd)
+    env[ENV_FD] = str(theirs.fileno())
     env[ENV_PID] = str(os.getpid())
     env[ENV_GENERATION] = str(number)
     try:
         # Resolves cwd afresh: a deploy that moves a `current` symlink is seen.
         os.chdir(cwd)
-        os.set_inheritable(write_fd, True)
+        theirs.set_inheritable(True)
         pid = os.posix_spawn(
             sys.executable, list(argv), env, setsid=True,
             setsigmask=(), setsigdef=STARTER_SIGNALS,
         )
     except BaseException:
-        os.close(read_fd)
+        ours.close()
         raise
     finally:
-        os.close(write_fd)
-    return Generation(number, pid, read_fd, time.monotonic())
+        theirs.close()
+    return Generation(number, pid, ours, time.monotonic())
 
 
 def describe_status(status: int) -> str:

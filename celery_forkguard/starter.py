@@ -87,6 +87,7 @@ class Starter:
         self._install_signals()
         become_subreaper()
         self._start_generation("start")
+        self._set_title()
         while not (self.stopping and not self.generations):
             self._step()
         logger.info("starter: every generation has exited; exit %d", self.exit_code)
@@ -194,6 +195,10 @@ class Starter:
                 self._on_retiring(gen, rest)
             elif word == "reload" and gen.state is State.CURRENT:
                 self.request_reload(f"forkguard_reload via {gen.label()}")
+        if gen.eof:
+            # Its worker is exiting: its exit, not the link, tells what happened.
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(gen.link_fd)
 
     def _on_ready(self, gen: Generation) -> None:
         if gen.state is not State.STARTING:

@@ -15,13 +15,20 @@ The variable is removed from the environment as soon as it is read, and the
 fd is close-on-exec, so a task that runs a program (even another worker)
 does not inherit the link.  Writes never block: a starter that stopped
 reading must not stall the worker.
+
+The link is a socket: when the starter dies (SIGKILLed by a supervisor that
+gave up waiting), the worker reads EOF and stops as if it got TERM, rather
+than live on as an orphan beside the next starter's workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+import select
+import signal
+import threading
+from typing import Callable, Optional
 
 ENV_FD = "FORKGUARD_STARTER_FD"
 ENV_PID = "FORKGUARD_STARTER_PID"
@@ -42,6 +49,33 @@ class StarterLink:
             return os.write(self.fd, f"{line}\n".encode()) > 0
         except OSError:  # EAGAIN (full pipe), EPIPE (starter gone)
             return False
+
+
+    def watch(self, on_lost: Callable[[], None]) -> threading.Thread:
+        """Call *on_lost* (from a thread) once the starter's end is closed."""
+        thread = threading.Thread(target=self._wait_for_eof, args=(on_lost,),
+                                  name="forkguard-starter-link", daemon=True)
+        thread.start()
+        return thread
+
+    def _wait_for_eof(self, on_lost: Callable[[], None]) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP)
+        while True:
+            poller.poll()
+            try:
+                if not os.read(self.fd, 512):
+                    break
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+        on_lost()
+
+
+def stop_as_on_term() -> None:
+    """What a worker does when its starter is gone: what TERM would do."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 _link: Optional[StarterLink] = None

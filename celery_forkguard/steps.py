@@ -33,6 +33,7 @@ class ForkguardControl(bootsteps.StartStopStep):
         controller = c.forkguard
         if controller is None:
             controller = c.forkguard = Controller(c, c.pool, c.pool.settings)
+            controller.watch_starter()
         controller.relay.attach(c.hub, c.call_soon)
         # Installed after Celery's own handlers (worker start), so ours win.
         controller.relay.install(controller.signals())
