@@ -152,17 +152,9 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        def alive() -> list[int]:
-            found = []
-            for proc in tree:
-                with contextlib.suppress(psutil.Error):
-                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                        found.append(proc.pid)
-            return found
-
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: not alive(), timeout=5)
-        left = alive()
+            wait_for(lambda: not alive_pids(tree), timeout=5)
+        left = alive_pids(tree)
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -187,6 +179,15 @@ class Deployment:
         ids = [s.task_id for s in self.sent]
         for start in range(0, len(ids), 500):
             self.ledger.delete(*[f"celery-task-meta-{i}" for i in ids[start:start + 500]])
+
+
+def alive_pids(processes: list[psutil.Process]) -> list[int]:
+    found = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+    return found
 
 
 class Stream(threading.Thread):
@@ -368,3 +369,27 @@ def test_rolling_deploy_rabbitmq(tmp_path: Path) -> None:
         require_service(problem)
     run_deploy(tmp_path, RABBITMQ_URL, "rabbitmq")
 
+
+
+def test_workers_stop_when_their_starter_is_killed(tmp_path: Path) -> None:
+    """A starter SIGKILLed (a supervisor that gave up) takes its generation along."""
+    deploy = Deployment(tmp_path, BROKER_URL)
+    deploy.release('VERSION = "v1"\n')
+    try:
+        deploy.start()
+        deploy.send("late", 2.0)
+        wait_for(lambda: deploy.runs(), timeout=30, message="the task started")
+        tree = deploy.processes()
+        assert deploy.proc is not None
+        deploy.proc.kill()
+        deploy.proc.wait(timeout=10)
+
+        # Warm shutdown: the running task finishes first (2 s), then the worker exits.
+        wait_for(lambda: not alive_pids(tree), timeout=30, message="the orphaned worker stopped")
+        assert [d["version"] for d in deploy.done()] == ["v1"]
+        assert list(deploy.runs().values()) == [1]
+    finally:
+        left = deploy.stop()
+        with contextlib.suppress(redis.RedisError):
+            deploy.forget()
+    assert not left, f"processes left: {left}"
