@@ -1,4 +1,12 @@
-"""``celery -A proj forkguard pause | resume | status | kill``: the fleet's controls."""
+"""``celery -A proj forkguard pause | resume | status | kill | reload | starter``.
+
+Importing this module (Celery's CLI loads it through the ``celery.commands``
+entry point) also registers the ``forkguard_*`` remote commands in Celery's
+control panel, so ``celery inspect forkguard_status`` and ``celery control
+forkguard_pause`` are known to Celery's own client too.  Exit codes follow
+Celery's: 69 (EX_UNAVAILABLE) when no worker replies, 1 when every worker
+that replied refused or a kill matched no running task, 2 for a usage error.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,13 @@ from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand, CeleryOption
+from celery.exceptions import CeleryCommandException
+from celery.platforms import EX_UNAVAILABLE
 
-# Importing the package registers the pool name with Celery's CLI.
+# Importing the package registers the pool name with Celery's CLI, and the
+# control module our remote commands with Celery's client.
 import celery_forkguard  # noqa: F401
+from celery_forkguard import control  # noqa: F401
 
 _common = [
     click.option("-d", "--destination", cls=CeleryOption, help_group="Remote Control Options",
@@ -19,7 +31,7 @@ _common = [
     click.option("-t", "--timeout", cls=CeleryOption, type=float, default=1.0,
                  help_group="Remote Control Options", show_default=True,
                  help="Seconds to wait for replies."),
-    click.option("--json", "as_json", cls=CeleryOption, is_flag=True,
+    click.option("-j", "--json", "as_json", cls=CeleryOption, is_flag=True,
                  help_group="Remote Control Options", help="Print the replies as JSON."),
 ]
 
@@ -32,7 +44,7 @@ def _with_common(fun: Any) -> Any:
 
 @click.group(name="forkguard")
 def forkguard() -> None:
-    """Steer forkguard workers (the ``-P forkguard`` pool) across a fleet."""
+    """Steer forkguard workers (the -P forkguard pool) across a fleet."""
 
 
 def _broadcast(ctx: click.Context, command: str, destination: str | None, timeout: float,
@@ -46,7 +58,11 @@ def _broadcast(ctx: click.Context, command: str, destination: str | None, timeou
     for reply in replies:
         merged.update(reply)
     if not merged:
-        raise click.ClickException("no forkguard worker replied (is one running? try --timeout)")
+        raise CeleryCommandException(
+            message="No forkguard worker replied within time constraint "
+                    "(is one running? try a longer -t/--timeout)",
+            exit_code=EX_UNAVAILABLE,
+        )
     return merged
 
 
@@ -63,6 +79,14 @@ def _print(ctx: click.Context, replies: dict[str, Any], as_json: bool) -> None:
             ok = reply.get("ok", reply) if isinstance(reply, dict) else reply
             killed = reply.get("killed") if isinstance(reply, dict) else None
             click.echo(f"{worker}: {ok}" + (f" {' '.join(killed)}" if killed else ""))
+
+
+def _fail_if_none_could(replies: dict[str, Any]) -> None:
+    """Exit 1 when every worker that replied answered with an error."""
+    if all(isinstance(r, dict) and "error" in r for r in replies.values()):
+        raise CeleryCommandException(
+            message="every worker that replied refused (see above)", exit_code=1,
+        )
 
 
 def format_status(worker: str, status: dict[str, Any]) -> str:
@@ -90,7 +114,9 @@ def format_status(worker: str, status: dict[str, Any]) -> str:
 @click.pass_context
 def status(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Show each worker: paused or not, running children, killed counts."""
-    _print(ctx, _broadcast(ctx, "forkguard_status", destination, timeout), as_json)
+    replies = _broadcast(ctx, "forkguard_status", destination, timeout)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -98,7 +124,9 @@ def status(ctx: click.Context, destination: str | None, timeout: float, as_json:
 @click.pass_context
 def pause(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Stop taking tasks and hand prefetched ones back (like USR2)."""
-    _print(ctx, _broadcast(ctx, "forkguard_pause", destination, timeout), as_json)
+    replies = _broadcast(ctx, "forkguard_pause", destination, timeout)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -106,7 +134,9 @@ def pause(ctx: click.Context, destination: str | None, timeout: float, as_json: 
 @click.pass_context
 def resume(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Take tasks again (like CONT)."""
-    _print(ctx, _broadcast(ctx, "forkguard_resume", destination, timeout), as_json)
+    replies = _broadcast(ctx, "forkguard_resume", destination, timeout)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -120,15 +150,23 @@ def kill(ctx: click.Context, task_id: str | None, kill_all: bool, destination: s
     if bool(task_id) == kill_all:
         raise click.UsageError("give a TASK_ID or --all (not both)")
     args = {"task_id": task_id} if task_id else {}
-    _print(ctx, _broadcast(ctx, "forkguard_kill", destination, timeout, args), as_json)
+    replies = _broadcast(ctx, "forkguard_kill", destination, timeout, args)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
+    if task_id and not any(isinstance(r, dict) and r.get("killed") for r in replies.values()):
+        raise CeleryCommandException(
+            message=f"no worker that replied runs task {task_id}", exit_code=1,
+        )
 
 
 @forkguard.command(cls=CeleryCommand)
 @_with_common
 @click.pass_context
 def reload(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
-    """Ask each worker's ``forkguard starter`` for a new generation (like HUP)."""
-    _print(ctx, _broadcast(ctx, "forkguard_reload", destination, timeout), as_json)
+    """Ask each worker's forkguard starter for a new generation (like HUP)."""
+    replies = _broadcast(ctx, "forkguard_reload", destination, timeout)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
 
 
 #: Worker options the starter sets itself, or that two generations cannot share.
@@ -154,7 +192,7 @@ def starter(ctx: click.Context, ready_timeout: float | None,
             worker_args: tuple[str, ...]) -> None:
     """Run a worker and reload it on HUP with no lost or killed task.
 
-    WORKER_ARGS are ``celery worker`` options (``-c 4 -Q default -l info``).
+    WORKER_ARGS are celery worker options (-c 4 -Q default -l info).
     HUP starts a new generation from a fresh exec and retires the old one once
     the new one consumes; USR1, USR2, CONT, TTIN and TTOU go to the current
     generation; TERM, INT and QUIT stop every generation.
