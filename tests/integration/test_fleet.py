@@ -60,8 +60,12 @@ class Fleet:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """``celery -A signals_proj forkguard ARGS`` on the fleet's broker."""
+        return self.celery("forkguard", *args)
+
+    def celery(self, *args: str) -> subprocess.CompletedProcess:
+        """``celery -A signals_proj ARGS`` on the fleet's broker."""
         return subprocess.run(
-            [sys.executable, "-m", "celery", "-A", APP_MODULE, "forkguard", *args],
+            [sys.executable, "-m", "celery", "-A", APP_MODULE, *args],
             cwd=REPO_ROOT, env={**os.environ, **self.one.env}, capture_output=True, text=True,
             timeout=60, start_new_session=True, check=False,
         )
@@ -192,3 +196,34 @@ def test_remote_commands_through_broadcast(fleet: Fleet) -> None:
     assert_failed_with(victim, "TaskKilled", "forkguard_kill")
     assert broadcast("forkguard_kill", one)["killed"] == [bystander.id]
     assert_failed_with(bystander, "TaskKilled", "forkguard_kill")
+
+
+def test_celery_inspect_and_control_know_the_commands(fleet: Fleet) -> None:
+    one = fleet.one
+    done = fleet.celery("inspect", "forkguard_status", "-d", one.hostname, "-t", REPLY_TIMEOUT,
+                        "-j")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert json.loads(done.stdout)[one.hostname]["concurrency"] == 2
+
+    done = fleet.celery("control", "forkguard_pause", "-d", one.hostname, "-t", REPLY_TIMEOUT)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert status(one)["paused"] is True
+    done = fleet.celery("control", "forkguard_resume", "-d", one.hostname, "-t", REPLY_TIMEOUT)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert status(one)["paused"] is False
+
+
+def test_exit_codes_follow_celery(fleet: Fleet) -> None:
+    one = fleet.one
+    nobody = fleet.cli("status", "-d", "nobody@nowhere", "-t", "0.5")
+    assert nobody.returncode == 69, (nobody.stdout, nobody.stderr)
+    assert "No forkguard worker replied" in nobody.stderr
+
+    missing = fleet.cli("kill", "no-such-task", "-d", one.hostname, "-t", REPLY_TIMEOUT)
+    assert missing.returncode == 1, (missing.stdout, missing.stderr)
+    assert "no worker that replied runs task no-such-task" in missing.stderr
+
+    alone = fleet.cli("reload", "-d", one.hostname, "-t", REPLY_TIMEOUT, "-j")
+    assert alone.returncode == 1, (alone.stdout, alone.stderr)
+    assert "not run by `celery forkguard starter`" in json.loads(alone.stdout)[one.hostname][
+        "error"]
