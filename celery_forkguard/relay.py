@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections import deque
 from typing import Any, Callable
 
@@ -38,9 +39,23 @@ class SignalRelay:
         self._hub = hub
         self._call_soon = call_soon
 
-    def install(self, signames: list[str]) -> None:
+    def install(self, signames: list[str]) -> bool:
+        """Install the handlers; False (and a warning) off the main thread.
+
+        Celery's test worker (``celery.contrib.testing``, behind the
+        ``celery_worker`` fixtures) runs in a thread, where Python cannot set
+        signal handlers: the worker then runs without them, remote control
+        still works.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning(
+                "forkguard: the worker runs in a thread (%s), where signal handlers "
+                "cannot be set: %s are not handled; remote control works",
+                threading.current_thread().name, ", ".join(signames))
+            return False
         for name in signames:
             signal.signal(getattr(signal, name), self._record)
+        return True
 
     def _record(self, signum: int, frame: Any) -> None:
         # Only record and wake: no logging, no I/O beyond one byte (gunicorn #2667).
