@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -210,7 +211,24 @@ def starter(ctx: click.Context, ready_timeout: float | None,
     argv = [sys.executable, "-m", "celery", *_global_options(ctx),
             "worker", "-P", "forkguard", *worker_args]
     _log_to_stderr()
-    ctx.exit(Starter(argv, ready_timeout).run())
+    ctx.exit(Starter(argv, ready_timeout, cwd=_workdir_as_given(sys.argv)).run())
+
+
+def _workdir_as_given(argv: list[str]) -> str | None:
+    """``celery --workdir DIR`` as typed, so a moved ``current`` symlink is followed.
+
+    Celery changes into it at once and keeps no trace of the path (its
+    option's value is the result of ``os.chdir``), so it is read from argv.
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--workdir" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--workdir="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return value if os.path.isabs(value) else None
+    return None
 
 
 def _global_options(ctx: click.Context) -> list[str]:

@@ -58,8 +58,9 @@ class Controller:
         if self.settings.term_child:
             names.append("SIGTERM")
         if starter_link() is not None:
-            # Only under a starter: in a terminal, WINCH means "resized".
-            names.append("SIGWINCH")
+            # Only under a starter: in a terminal, WINCH means "resized"; and
+            # Celery's HUP (re-exec this process) would cut it from its starter.
+            names += ["SIGWINCH", "SIGHUP"]
         return names
 
     def dispatch(self, signame: str) -> None:
@@ -83,6 +84,10 @@ class Controller:
 
     def handle_term(self) -> None:
         self.begin_term_child_shutdown()
+
+    def handle_hup(self) -> None:
+        """Under a starter, HUP to the worker is a reload of the starter's."""
+        logger.warning("forkguard: %s", self.request_reload())
 
     def handle_winch(self) -> None:
         self.retire("the starter (a newer generation is consuming)")

@@ -184,7 +184,8 @@ class Starter:
             return
         self.generations.append(gen)
         self._selector.register(gen.link_fd, selectors.EVENT_READ, gen)
-        logger.warning("starter: %s: started %s: %s", why, gen.label(), " ".join(self.argv))
+        logger.warning("starter: %s: started %s in %s (%s): %s", why, gen.label(), self.cwd,
+                       os.path.realpath(self.cwd), " ".join(self.argv))
 
     def _on_link(self, gen: Generation) -> None:
         for line in gen.read_lines():
