@@ -56,6 +56,8 @@ RESTART_BACKOFF = (1.0, 60.0)
 STABLE_AFTER = 60.0
 #: A failed generation gets this long after TERM before SIGKILL.
 FAILED_GRACE = 10.0
+#: Replayed TTINs (TTOUs) are sent this far apart: two pending at once would merge into one.
+REPLAY_GAP = 0.1
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -78,6 +80,9 @@ class Starter:
         self.backoff = RESTART_BACKOFF[0]
         self.paused = False
         self.resized = 0
+        self._replay: list[signal.Signals] = []  # TTIN/TTOU still to replay to _replay_to
+        self._replay_to: Optional[Generation] = None
+        self._replay_at = 0.0
         self._selector = selectors.DefaultSelector()
         self._wake_r = self._wake_w = -1
 
@@ -105,6 +110,8 @@ class Starter:
 
     def _next_timeout(self) -> Optional[float]:
         deadlines = [self.restart_at] if self.restart_at is not None else []
+        if self._replay:
+            deadlines.append(self._replay_at)
         for gen in self.generations:
             if gen.state is State.STARTING and self._has_other_serving(gen):
                 deadlines.append(gen.started_at + self.ready_timeout)
@@ -218,13 +225,26 @@ class Starter:
         if self.paused:
             gen.signal(signal.SIGUSR2)
         step = signal.SIGTTIN if self.resized > 0 else signal.SIGTTOU
-        for _ in range(abs(self.resized)):
-            gen.signal(step)
+        self._replay = [step] * abs(self.resized)
+        self._replay_to, self._replay_at = gen, time.monotonic()
+        self._send_replay()
         if self.paused or self.resized:
             logger.warning("starter: %s: replayed %s", gen.label(),
                            ", ".join(filter(None, ["pause" if self.paused else "",
                                                    f"resize {self.resized:+d}" if self.resized
                                                    else ""])))
+
+    def _send_replay(self) -> None:
+        """The next replayed TTIN/TTOU, once REPLAY_GAP passed since the one before."""
+        now = time.monotonic()
+        if not self._replay or now < self._replay_at:
+            return
+        gen = self._replay_to
+        if gen is None or gen.state is not State.CURRENT:
+            self._replay.clear()  # a newer generation gets its own replay
+            return
+        gen.signal(self._replay.pop(0))
+        self._replay_at = now + REPLAY_GAP
 
     def _on_retiring(self, gen: Generation, rest: str) -> None:
         with contextlib.suppress(ValueError):
@@ -249,6 +269,7 @@ class Starter:
                 gen.kill_group()
         if self.restart_at is not None and now >= self.restart_at and not self.stopping:
             self._start_generation("restart")
+        self._send_replay()
 
     def _has_other_serving(self, gen: Generation) -> bool:
         return any(g is not gen and g.state is State.CURRENT for g in self.generations)
@@ -373,6 +394,8 @@ def _noted(signum: int, frame: object) -> None:
 
 
 def _finished_verb(gen: Generation) -> str:
+    if gen.state is State.FAILED:
+        return "stopped"
     return "retired" if gen.state is State.RETIRING else "started"
 
 

@@ -418,11 +418,9 @@ def test_pause_and_net_resize_are_replayed_to_each_new_generation(run_starter: R
     starter.kill(signal.SIGHUP)
     pid2 = starter.wait_current(2)
     starter.wait_log(f"generation 2 (pid {pid2}): replayed pause, resize +2")
-    starter.wait_event(2, "sig=TTIN")
+    starter.wait_event(2, "sig=TTIN", 2)
     starter.barrier()
-    got = starter.signals_but_barrier(2)
-    # USR2 first; then TTINs (how many arrive: see the xfail test below), no TTOU.
-    assert got[0] == "USR2" and set(got[1:]) == {"TTIN"}, got
+    assert starter.signals_but_barrier(2) == ["USR2", "TTIN", "TTIN"]
 
     # CONT ends the pause; TTOU x3 brings the net resize to -1.
     send_and_wait(starter, 2, [signal.SIGCONT, signal.SIGTTOU, signal.SIGTTOU, signal.SIGTTOU])
@@ -435,9 +433,6 @@ def test_pause_and_net_resize_are_replayed_to_each_new_generation(run_starter: R
     assert starter.signals_but_barrier(3) == ["TTOU"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the starter replays a net resize of N as N signals sent back to back; standard "
-    "signals do not queue (nor do Python's handlers count), so TTINs pending at once merge"))
 def test_a_replayed_resize_arrives_whole(run_starter: RunStarter) -> None:
     starter = run_starter()
     starter.wait_current(1)
