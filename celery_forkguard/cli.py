@@ -82,6 +82,15 @@ def _print(ctx: click.Context, replies: dict[str, Any], as_json: bool) -> None:
             click.echo(f"{worker}: {ok}" + (f" {' '.join(killed)}" if killed else ""))
 
 
+def _command(ctx: click.Context, command: str, destination: str | None, timeout: float,
+             as_json: bool, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Broadcast *command*, print the replies, fail when every worker refused."""
+    replies = _broadcast(ctx, command, destination, timeout, arguments)
+    _print(ctx, replies, as_json)
+    _fail_if_none_could(replies)
+    return replies
+
+
 def _fail_if_none_could(replies: dict[str, Any]) -> None:
     """Exit 1 when every worker that replied answered with an error."""
     if all(isinstance(r, dict) and "error" in r for r in replies.values()):
@@ -115,9 +124,7 @@ def format_status(worker: str, status: dict[str, Any]) -> str:
 @click.pass_context
 def status(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Show each worker: paused or not, running children, killed counts."""
-    replies = _broadcast(ctx, "forkguard_status", destination, timeout)
-    _print(ctx, replies, as_json)
-    _fail_if_none_could(replies)
+    _command(ctx, "forkguard_status", destination, timeout, as_json)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -125,9 +132,7 @@ def status(ctx: click.Context, destination: str | None, timeout: float, as_json:
 @click.pass_context
 def pause(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Stop taking tasks and hand prefetched ones back (like USR2)."""
-    replies = _broadcast(ctx, "forkguard_pause", destination, timeout)
-    _print(ctx, replies, as_json)
-    _fail_if_none_could(replies)
+    _command(ctx, "forkguard_pause", destination, timeout, as_json)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -135,9 +140,7 @@ def pause(ctx: click.Context, destination: str | None, timeout: float, as_json: 
 @click.pass_context
 def resume(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Take tasks again (like CONT)."""
-    replies = _broadcast(ctx, "forkguard_resume", destination, timeout)
-    _print(ctx, replies, as_json)
-    _fail_if_none_could(replies)
+    _command(ctx, "forkguard_resume", destination, timeout, as_json)
 
 
 @forkguard.command(cls=CeleryCommand)
@@ -151,9 +154,7 @@ def kill(ctx: click.Context, task_id: str | None, kill_all: bool, destination: s
     if bool(task_id) == kill_all:
         raise click.UsageError("give a TASK_ID or --all (not both)")
     args = {"task_id": task_id} if task_id else {}
-    replies = _broadcast(ctx, "forkguard_kill", destination, timeout, args)
-    _print(ctx, replies, as_json)
-    _fail_if_none_could(replies)
+    replies = _command(ctx, "forkguard_kill", destination, timeout, as_json, args)
     if task_id and not any(isinstance(r, dict) and r.get("killed") for r in replies.values()):
         raise CeleryCommandException(
             message=f"no worker that replied runs task {task_id}", exit_code=1,
@@ -165,9 +166,7 @@ def kill(ctx: click.Context, task_id: str | None, kill_all: bool, destination: s
 @click.pass_context
 def reload(ctx: click.Context, destination: str | None, timeout: float, as_json: bool) -> None:
     """Ask each worker's forkguard starter for a new generation (like HUP)."""
-    replies = _broadcast(ctx, "forkguard_reload", destination, timeout)
-    _print(ctx, replies, as_json)
-    _fail_if_none_could(replies)
+    _command(ctx, "forkguard_reload", destination, timeout, as_json)
 
 
 #: Worker options the starter sets itself, or that two generations cannot share.

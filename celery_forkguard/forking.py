@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 from celery_forkguard import fasthooks
@@ -129,6 +130,18 @@ def reap(pid: int) -> int | None:
     if wpid == 0:
         return None
     return os.waitstatus_to_exitcode(status)
+
+
+def reaped_children() -> Iterator[tuple[int, int]]:
+    """``(pid, waitpid status)`` of every child that has exited, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def signal_process(pid: int, signum: int, group: bool = False) -> bool:

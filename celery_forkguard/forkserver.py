@@ -39,7 +39,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from celery_forkguard import fasthooks
-from celery_forkguard.forking import fork_with_signals_blocked
+from celery_forkguard.forking import fork_with_signals_blocked, reaped_children
 
 if TYPE_CHECKING:
     from celery_forkguard.child import ChildContext
@@ -132,13 +132,7 @@ class _Server:
         self.child_main(self.ctx, pickle.loads(payload), report_fd, saved_mask)
 
     def reap_children(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped_children():
             self.send(EXITED, pid, os.waitstatus_to_exitcode(status))
 
     def send(self, kind: bytes, a: int, b: int) -> None:

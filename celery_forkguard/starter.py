@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Optional
 
 from celery_forkguard import titles
+from celery_forkguard.forking import reaped_children
 from celery_forkguard.generations import (
     STARTER_SIGNALS,
     Generation,
@@ -292,13 +293,7 @@ class Starter:
     # -- exits -------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped_children():
             gen = next((g for g in self.generations if g.pid == pid), None)
             if gen is None:
                 logger.debug("starter: reaped orphan %d (%s)", pid, describe_status(status))
