@@ -26,6 +26,30 @@ from celery.platforms import EX_UNAVAILABLE
 import celery_forkguard  # noqa: F401
 from celery_forkguard import control  # noqa: F401
 
+
+def _teach_celery_client_our_commands() -> None:
+    """Add our commands to ``celery inspect|control`` where Celery froze their choices.
+
+    Celery before 5.4 builds each command's ``click.Choice`` when its CLI is
+    imported, which is before it loads ``celery.commands`` entry points such as
+    this module; later releases read the control panel when they parse.
+    """
+    from celery.bin import control as celery_control
+    from celery.worker.control import Panel
+
+    for command in (celery_control.inspect, celery_control.control):
+        for param in command.params:
+            if param.name != "action" or not isinstance(param.type, click.Choice):
+                continue
+            known = tuple(param.type.choices)
+            param.type.choices = known + tuple(
+                name for name, info in Panel.meta.items()
+                if info.type == command.name and info.visible and name not in known
+            )
+
+
+_teach_celery_client_our_commands()
+
 _common = [
     click.option("-d", "--destination", cls=CeleryOption, help_group="Remote Control Options",
                  help="Comma separated list of worker names (default: every worker)."),
@@ -102,8 +126,12 @@ def _fail_if_none_could(replies: dict[str, Any]) -> None:
 def format_status(worker: str, status: dict[str, Any]) -> str:
     """A terminal-friendly block for one worker's ``forkguard_status``."""
     state = "paused" if status.get("paused") else "running"
-    if status.get("shutting_down"):
+    if status.get("retiring"):
+        state = "retiring"
+    elif status.get("shutting_down"):
         state = "shutting down"
+    if status.get("generation"):
+        state += f" (generation {status['generation']} of starter pid {status.get('starter_pid')})"
     killed = status.get("killed") or {}
     lines = [
         f"{worker}: {state}, concurrency {status.get('concurrency')}, "
@@ -207,41 +235,60 @@ def starter(ctx: click.Context, ready_timeout: float | None,
     app = ctx.obj.app
     if ready_timeout is None:
         ready_timeout = load_settings(app.conf).ready_timeout
-    argv = [sys.executable, "-m", "celery", *_global_options(ctx),
+    given = _global_values_as_given(sys.argv[1:])
+    argv = [sys.executable, "-m", "celery", *_global_options(ctx, given),
             "worker", "-P", "forkguard", *worker_args]
     _log_to_stderr()
-    ctx.exit(Starter(argv, ready_timeout, cwd=_workdir_as_given(sys.argv)).run())
+    ctx.exit(Starter(argv, ready_timeout, cwd=_workdir_as_given(given)).run())
 
 
-def _workdir_as_given(argv: list[str]) -> str | None:
-    """``celery --workdir DIR`` as typed, so a moved ``current`` symlink is followed.
+#: Celery's global options that take a value, by flag, with their parameter name.
+_VALUED_GLOBALS = {
+    "-A": "app", "--app": "app", "-b": "broker", "--broker": "broker",
+    "--result-backend": "result_backend", "--loader": "loader",
+    "--config": "config", "--workdir": "workdir",
+}
+_GLOBAL_FLAGS = {"--no-color": "no_color", "--quiet": "quiet", "--skip-checks": "skip_checks"}
 
-    Celery changes into it at once and keeps no trace of the path (its
-    option's value is the result of ``os.chdir``), so it is read from argv.
+
+def _global_values_as_given(argv: list[str]) -> dict[str, str]:
+    """The values of ``celery``'s global options as typed (they precede the subcommand).
+
+    Click keeps only converted values, and some are no longer strings:
+    Celery before 5.5 turns ``--app`` into the app object, and ``--workdir``
+    into the result of ``os.chdir`` (a moved ``current`` symlink must be
+    followed afresh by each generation).
     """
-    for i, arg in enumerate(argv):
-        if arg == "--workdir" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--workdir="):
-            value = arg.split("=", 1)[1]
-        else:
-            continue
-        return value if os.path.isabs(value) else None
-    return None
+    values: dict[str, str] = {}
+    args = iter(argv)
+    for arg in args:
+        if arg == "--" or not arg.startswith("-"):
+            break
+        flag, eq, value = arg.partition("=")
+        if flag in _VALUED_GLOBALS and flag.startswith("--"):
+            values[_VALUED_GLOBALS[flag]] = value if eq else next(args, "")
+        elif arg[:2] in _VALUED_GLOBALS:  # -A proj or -Aproj
+            values[_VALUED_GLOBALS[arg[:2]]] = arg[2:] or next(args, "")
+    return values
 
 
-def _global_options(ctx: click.Context) -> list[str]:
+def _workdir_as_given(given: dict[str, str]) -> str | None:
+    """``--workdir`` when absolute (a relative one was already followed)."""
+    value = given.get("workdir")
+    return value if value and os.path.isabs(value) else None
+
+
+def _global_options(ctx: click.Context, given: dict[str, str]) -> list[str]:
     """The ``celery`` options this command was given, for each generation's command."""
     params = ctx.find_root().params
     options = []
-    for name, flag in (("app", "--app"), ("broker", "--broker"),
-                       ("result_backend", "--result-backend"), ("loader", "--loader"),
-                       ("config", "--config")):
+    for flag in ("--app", "--broker", "--result-backend", "--loader", "--config"):
+        name = _VALUED_GLOBALS[flag]
         value = params.get(name)
-        if value and isinstance(value, str):
+        value = value if isinstance(value, str) and value else given.get(name)
+        if value:
             options += [flag, value]
-    for name, flag in (("no_color", "--no-color"), ("quiet", "--quiet"),
-                       ("skip_checks", "--skip-checks")):
+    for flag, name in _GLOBAL_FLAGS.items():
         if params.get(name):
             options.append(flag)
     return options

@@ -19,9 +19,16 @@ from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
 from celery_forkguard import stopping, titles
+from celery_forkguard.mailbox import generation_node_name, mailbox_name, move_mailbox
 from celery_forkguard.relay import SignalRelay
 from celery_forkguard.settings import ForkguardSettings
-from celery_forkguard.starter_link import starter_link, stop_as_on_term
+from celery_forkguard.starter_link import (
+    MAILBOX_RECLAIM,
+    MAILBOX_RELEASE,
+    MAILBOX_RELEASED,
+    starter_link,
+    stop_as_on_term,
+)
 
 if TYPE_CHECKING:
     from celery_forkguard.prefork import TaskPool
@@ -63,9 +70,13 @@ class Controller:
             names += ["SIGWINCH", "SIGHUP"]
         return names
 
-    def dispatch(self, signame: str) -> None:
-        logger.info("forkguard: received %s", signame)
-        getattr(self, f"handle_{signame[3:].lower()}")()
+    def dispatch(self, name: str) -> None:
+        """Handle a signal (``SIGUSR1``) or a starter's request (``mailbox-release``)."""
+        logger.info("forkguard: received %s", name)
+        if name.startswith("SIG"):
+            getattr(self, f"handle_{name[3:].lower()}")()
+        else:
+            getattr(self, f"on_{name.replace('-', '_')}")()
 
     def handle_usr1(self) -> None:
         self.kill_tasks("USR1")
@@ -251,10 +262,34 @@ class Controller:
     # -- starter ------------------------------------------------------------------------
 
     def watch_starter(self) -> None:
-        """Stop as on TERM when the starter dies (an orphan would outlive a restart)."""
+        """Take the starter's requests; stop as on TERM when it dies (an orphan
+        would outlive a restart)."""
         link = starter_link()
         if link is not None:
-            link.watch(self._starter_lost)
+            link.watch(self._on_starter_line, self._starter_lost)
+
+    def _on_starter_line(self, line: str) -> None:
+        if line in (MAILBOX_RELEASE, MAILBOX_RECLAIM):
+            self.relay.post(line)  # handled in the loop, which owns the connection
+        else:
+            logger.warning("forkguard: ignored %r from the starter", line)
+
+    def on_mailbox_release(self) -> None:
+        """A new generation starts under our node name: move our mailbox aside."""
+        link = starter_link()
+        if link is None:
+            return
+        name = generation_node_name(self.consumer.hostname, link.generation)
+        if move_mailbox(self.consumer, name):
+            logger.warning("forkguard: remote control for this generation now "
+                           "answers as %s", name)
+        link.send(MAILBOX_RELEASED)
+
+    def on_mailbox_reclaim(self) -> None:
+        """The new generation failed: answer remote control as our node name again."""
+        if move_mailbox(self.consumer, self.consumer.hostname):
+            logger.warning("forkguard: remote control answers as %s again",
+                           self.consumer.hostname)
 
     def _starter_lost(self) -> None:
         link = starter_link()
@@ -293,6 +328,7 @@ class Controller:
             "retiring": self.retiring,
             "generation": link.generation if link is not None else None,
             "starter_pid": link.starter_pid if link is not None else None,
+            "mailbox": mailbox_name(self.consumer),
             "concurrency": self.pool.num_processes,
             "running": [child.describe(now) for child in self.pool.running()],
             "killed": dict(self.killed),

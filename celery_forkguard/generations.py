@@ -77,6 +77,13 @@ class Generation:
         *lines, self._buffer = self._buffer.split(b"\n")
         return [line.decode(errors="replace").strip() for line in lines if line.strip()]
 
+    def tell(self, line: str) -> bool:
+        """Write one line to the generation's worker; False if it cannot take it now."""
+        try:
+            return self.link.send(f"{line}\n".encode()) > 0
+        except OSError:  # BlockingIOError (full), BrokenPipeError (exiting)
+            return False
+
     def signal(self, signum: int) -> bool:
         try:
             os.kill(self.pid, signum)

@@ -59,7 +59,11 @@ class SignalRelay:
 
     def _record(self, signum: int, frame: Any) -> None:
         # Only record and wake: no logging, no I/O beyond one byte (gunicorn #2667).
-        self.received.append(signal.Signals(signum).name)
+        self.post(signal.Signals(signum).name)
+
+    def post(self, name: str) -> None:
+        """Have the loop dispatch *name*; safe from a signal handler or another thread."""
+        self.received.append(name)
         if self._hub is not None:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"s")

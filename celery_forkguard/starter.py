@@ -4,8 +4,10 @@ A small long-lived process (what systemd, supervisord, Docker or a Procfile
 runs) that keeps one worker generation serving, as resque_starter does:
 
 - **HUP** (or ``forkguard_reload``) starts a new generation from a fresh
-  exec; once it consumes, the old one is told to retire (SIGWINCH): it stops
-  consuming, hands its prefetched tasks back, lets its running tasks finish
+  exec (once the serving one has moved its remote-control mailbox aside, see
+  ``mailbox``, so the new one can take the node name); once it consumes, the
+  old one is told to retire (SIGWINCH): it stops consuming, hands its
+  prefetched tasks back, lets its running tasks finish
   (``forkguard_retire_timeout``, then TERM / ``term_timeout`` / KILL with
   ``acks_late`` tasks requeued) and exits.  Capacity never drops to zero.
   One reload at a time: a HUP while a generation starts or retires is
@@ -33,6 +35,7 @@ import selectors
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 from celery_forkguard import titles
@@ -45,6 +48,7 @@ from celery_forkguard.generations import (
     exit_code_of,
     spawn_generation,
 )
+from celery_forkguard.starter_link import MAILBOX_RECLAIM, MAILBOX_RELEASE, MAILBOX_RELEASED
 
 logger = logging.getLogger("celery_forkguard.starter")
 
@@ -61,6 +65,18 @@ FAILED_GRACE = 10.0
 REPLAY_GAP = 0.1
 
 PR_SET_CHILD_SUBREAPER = 36
+
+#: How long the serving generation has to move its mailbox aside before a reload.
+HANDOVER_TIMEOUT = 10.0
+
+
+@dataclass
+class Handover:
+    """A reload waiting for the serving generation to free the node's mailbox."""
+
+    gen: Generation
+    why: str
+    deadline: float
 
 
 class Starter:
@@ -84,6 +100,7 @@ class Starter:
         self._replay: list[signal.Signals] = []  # TTIN/TTOU still to replay to _replay_to
         self._replay_to: Optional[Generation] = None
         self._replay_at = 0.0
+        self._handover: Optional[Handover] = None
         self._selector = selectors.DefaultSelector()
         self._wake_r = self._wake_w = -1
 
@@ -113,6 +130,8 @@ class Starter:
         deadlines = [self.restart_at] if self.restart_at is not None else []
         if self._replay:
             deadlines.append(self._replay_at)
+        if self._handover is not None:
+            deadlines.append(self._handover.deadline)
         for gen in self.generations:
             if gen.state is State.STARTING and self._has_other_serving(gen):
                 deadlines.append(gen.started_at + self.ready_timeout)
@@ -171,6 +190,10 @@ class Starter:
         if self.stopping:
             logger.warning("starter: %s ignored: stopping", why)
             return
+        if self._handover is not None:
+            # The new generation is not exec'd yet: it will load what is on disk now.
+            logger.warning("starter: %s: a reload is already under way", why)
+            return
         busy = [g for g in self.generations if g.state in (State.STARTING, State.RETIRING,
                                                            State.FAILED)]
         if busy:
@@ -178,7 +201,25 @@ class Starter:
             logger.warning("starter: %s: reload queued until %s", why,
                            " and ".join(f"{g.label()} has {_finished_verb(g)}" for g in busy))
             return
-        self._start_generation(f"reload ({why})")
+        self._begin_reload(f"reload ({why})")
+
+    def _begin_reload(self, why: str) -> None:
+        """Have the serving generation free its node's mailbox, then start the next one."""
+        serving = self.current()
+        if serving is None or not serving.tell(MAILBOX_RELEASE):
+            self._start_generation(why)
+            return
+        self._handover = Handover(serving, why, time.monotonic() + HANDOVER_TIMEOUT)
+
+    def _end_handover(self, outcome: str) -> None:
+        handover, self._handover = self._handover, None
+        if handover is None:
+            return
+        if outcome != "released":
+            logger.warning("starter: %s %s; starting the next generation anyway (the two "
+                           "share one remote-control mailbox until it retires)",
+                           handover.gen.label(), outcome)
+        self._start_generation(handover.why)
 
     def _start_generation(self, why: str) -> None:
         self.reload_pending = False
@@ -204,6 +245,8 @@ class Starter:
                 self._on_retiring(gen, rest)
             elif word == "reload" and gen.state is State.CURRENT:
                 self.request_reload(f"forkguard_reload via {gen.label()}")
+            elif word == MAILBOX_RELEASED and self._handover and self._handover.gen is gen:
+                self._end_handover("released")
         if gen.eof:
             # Its worker is exiting: its exit, not the link, tells what happened.
             with contextlib.suppress(KeyError, ValueError):
@@ -268,6 +311,8 @@ class Starter:
                 logger.error("starter: %s still running %gs after TERM: SIGKILL",
                              gen.label(), FAILED_GRACE)
                 gen.kill_group()
+        if self._handover is not None and now >= self._handover.deadline:
+            self._end_handover(f"did not free its mailbox within {HANDOVER_TIMEOUT:g}s")
         if self.restart_at is not None and now >= self.restart_at and not self.stopping:
             self._start_generation("restart")
         self._send_replay()
@@ -303,6 +348,8 @@ class Starter:
 
     def _on_exit(self, gen: Generation, status: int) -> None:
         self._drain_link(gen)
+        if self._handover is not None and self._handover.gen is gen:
+            self._handover = None  # what its exit means is decided below
         self.generations.remove(gen)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(gen.link_fd)
@@ -332,6 +379,7 @@ class Starter:
     def _on_start_failed(self, gen: Generation, how: str) -> None:
         serving = self.current()
         if serving is not None:
+            serving.tell(MAILBOX_RECLAIM)
             if gen.state is State.STARTING:
                 logger.error("starter: deploy failed: %s exited (%s) before consuming; "
                              "%s keeps serving", gen.label(), how, serving.label())
@@ -360,6 +408,7 @@ class Starter:
         self.stopping = True
         self.restart_at = None
         self.reload_pending = False
+        self._handover = None
         for gen in self.generations:
             if gen.state is State.CURRENT:
                 gen.state = State.STOPPING

@@ -9,7 +9,17 @@ lines to it; the starter reads them in its loop:
 ``retiring N``
     the worker stopped consuming for a retire and still runs N tasks;
 ``reload``
-    ``forkguard_reload`` reached this worker: the starter should reload.
+    ``forkguard_reload`` reached this worker: the starter should reload;
+``mailbox-released``
+    the worker moved its remote-control mailbox aside (see ``mailbox``).
+
+The starter writes back on the same socket:
+
+``mailbox-release``
+    a new generation is about to start under this worker's node name: move
+    the mailbox to this generation's own name, then say ``mailbox-released``;
+``mailbox-reclaim``
+    that generation failed: take the node name's mailbox back.
 
 The variable is removed from the environment as soon as it is read, and the
 fd is close-on-exec, so a task that runs a program (even another worker)
@@ -34,6 +44,11 @@ ENV_FD = "FORKGUARD_STARTER_FD"
 ENV_PID = "FORKGUARD_STARTER_PID"
 ENV_GENERATION = "FORKGUARD_GENERATION"
 
+#: What the starter may write to a worker (see the module docstring).
+MAILBOX_RELEASE = "mailbox-release"
+MAILBOX_RELEASED = "mailbox-released"
+MAILBOX_RECLAIM = "mailbox-reclaim"
+
 
 class StarterLink:
     """The write end of the pipe to this worker's starter."""
@@ -50,26 +65,33 @@ class StarterLink:
         except OSError:  # EAGAIN (full pipe), EPIPE (starter gone)
             return False
 
-
-    def watch(self, on_lost: Callable[[], None]) -> threading.Thread:
-        """Call *on_lost* (from a thread) once the starter's end is closed."""
-        thread = threading.Thread(target=self._wait_for_eof, args=(on_lost,),
+    def watch(self, on_line: Callable[[str], None],
+              on_lost: Callable[[], None]) -> threading.Thread:
+        """From a thread: *on_line* for each line the starter writes, *on_lost* at EOF."""
+        thread = threading.Thread(target=self._read_until_eof, args=(on_line, on_lost),
                                   name="forkguard-starter-link", daemon=True)
         thread.start()
         return thread
 
-    def _wait_for_eof(self, on_lost: Callable[[], None]) -> None:
+    def _read_until_eof(self, on_line: Callable[[str], None],
+                        on_lost: Callable[[], None]) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLHUP)
+        buffer = b""
         while True:
             poller.poll()
             try:
-                if not os.read(self.fd, 512):
-                    break
+                data = os.read(self.fd, 512)
             except BlockingIOError:
                 continue
             except OSError:
                 break
+            if not data:
+                break
+            *lines, buffer = (buffer + data).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    on_line(line.decode(errors="replace").strip())
         on_lost()
 
 

@@ -234,15 +234,20 @@ class StarterRun:
 
     # -- remote control ------------------------------------------------------------------
 
-    def reload_command(self, *destinations: str,
-                       timeout: float = 10.0) -> subprocess.CompletedProcess:
-        """``celery -A deploy_app forkguard reload -d ...``, run like the starter was."""
+    def forkguard(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+        """``celery -A deploy_app forkguard ARGS -t TIMEOUT``, run like the starter was."""
         return subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "deploy_app", "forkguard", "reload",
-             "-d", ",".join(destinations or (self.hostname,)), "-t", str(timeout)],
+            [sys.executable, "-m", "celery", "-A", "deploy_app", "forkguard", *args,
+             "-t", str(timeout)],
             cwd=self.dir, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
             capture_output=True, text=True, timeout=timeout + 60, check=False,
         )
+
+    def reload_command(self, *destinations: str,
+                       timeout: float = 10.0) -> subprocess.CompletedProcess:
+        """``celery -A deploy_app forkguard reload -d ...``."""
+        return self.forkguard("reload", "-d", ",".join(destinations or (self.hostname,)),
+                              timeout=timeout)
 
     # -- stopping ------------------------------------------------------------------------
 

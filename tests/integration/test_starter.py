@@ -19,6 +19,7 @@ generation, early-ack recorded failed).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -136,6 +137,20 @@ def test_reload_lets_running_tasks_finish_on_the_old_release(start: Start) -> No
     assert title.startswith("celery forkguard starter: "), title
     assert pid_alive(gen1)
 
+    # Both answer remote control: the new one as the node name, the retiring one
+    # as its generation's name (the node name's mailbox cannot be shared).
+    name, host = run.hostname.split("@")
+    gen1_name = f"{name}.g1@{host}"
+    done = run.forkguard("status", "-d", f"{run.hostname},{gen1_name}", "-j")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    replies = json.loads(done.stdout)
+    assert replies[run.hostname]["generation"] == 2, replies
+    assert not replies[run.hostname]["retiring"], replies
+    assert replies[gen1_name]["generation"] == 1, replies
+    assert replies[gen1_name]["retiring"], replies
+    assert replies[gen1_name]["mailbox"] == gen1_name, replies
+    assert len(replies[gen1_name]["running"]) == 2, replies
+
     # Sent after the old generation stopped consuming: the new release runs them.
     after = [run.send("late"), run.send("early"), run.send("late"), run.send("early")]
     assert [_value(r) for r in after] == ["v2"] * 4
@@ -175,6 +190,12 @@ def test_bad_deploy_keeps_the_old_generation_serving(start: Start) -> None:
 
     # The fix, deployed: the next HUP works.
     run.deploy("v3")
+    # (With the fix on disk, `celery -A deploy_app` loads again.)  Generation 1 took its
+    # node name's mailbox back once generation 2 was gone.
+    run.wait_log(rf"remote control answers as {re.escape(run.hostname)} again", timeout=5)
+    done = run.forkguard("status", "-d", run.hostname, "-j")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert json.loads(done.stdout)[run.hostname]["generation"] == 1
     run.hup()
     gen3 = run.generation_pid(3)
     run.wait_log(rf"generation 3 \(pid {gen3}\) is consuming", timeout=MARGIN)

@@ -21,7 +21,11 @@ to a behaviour; a generation the plan does not name is ``ok``.  A behaviour is
 ``orphan``               ready, then forks a grandchild that outlives it: the grandchild
                          exits once ``WORKDIR/genN.orphan-exit`` exists.
 options: ``term=C``, ``int=C``, ``quit=C`` (exit code on that signal; ``kill`` = SIGKILL
-itself, ``sig`` = die by that very signal), ``ignore-term`` (TERM is only recorded).
+itself, ``sig`` = die by that very signal), ``ignore-term`` (TERM is only recorded),
+``keep-mailbox`` (a ``mailbox-release`` from the starter is recorded, never answered).
+
+Lines from the starter are recorded as ``got LINE``; ``mailbox-release`` is answered
+with ``mailbox-released``, as a worker does once its mailbox moved aside.
 Defaults: TERM exits 0, INT exits 2, QUIT exits 3.
 
 While it runs, the file ``WORKDIR/genN.reload`` makes it write ``reload`` to its link
@@ -63,6 +67,8 @@ class Fake:
         self.starter_pid = int(os.environ.pop("FORKGUARD_STARTER_PID"))
         self.number = int(os.environ.pop("FORKGUARD_GENERATION"))
         os.set_inheritable(self.link, False)
+        os.set_blocking(self.link, False)
+        self.from_starter = b""
         with open(os.path.join(workdir, "plan.json")) as plan:
             behaviour = json.load(plan).get(str(self.number), "ok")
         first, *rest = behaviour.split(",")
@@ -126,6 +132,7 @@ class Fake:
     def poll(self) -> None:
         if os.getppid() != self.starter_pid or time.monotonic() - self.started > MAX_LIFE:
             self.exit(99)  # the starter is gone: nothing must be left behind
+        self.read_starter_lines()
         if not self.ready and self.mode == "gated" and os.path.exists(self.file("go")):
             self.become_ready()
         if os.path.exists(self.file("reload")):
@@ -137,6 +144,18 @@ class Fake:
                 self.retiring -= 1
                 self.send(f"retiring {self.retiring}")
             self.exit(0)
+
+    def read_starter_lines(self) -> None:
+        try:
+            self.from_starter += os.read(self.link, 512)
+        except (BlockingIOError, OSError):
+            return
+        *lines, self.from_starter = self.from_starter.split(b"\n")
+        for raw in lines:
+            line = raw.decode().strip()
+            self.event(f"got {line}")
+            if line == "mailbox-release" and "keep-mailbox" not in self.options:
+                self.send("mailbox-released")
 
     def on_signal(self, signum: signal.Signals) -> None:
         self.event(f"sig={signum.name[3:]}")

@@ -36,11 +36,12 @@ pytestmark = pytest.mark.timeout(30)
 
 FAKE = Path(__file__).with_name("fake_generation.py")
 
-#: Runs the starter; argv: workdir, ready_timeout, failed_grace.
+#: Runs the starter; argv: workdir, ready_timeout, failed_grace, fake, handover_timeout.
 RUNNER = r"""
 import logging, sys
 from celery_forkguard import starter
 workdir, ready_timeout, failed_grace = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+starter.HANDOVER_TIMEOUT = float(sys.argv[5])
 handler = logging.FileHandler(workdir + "/starter.log")
 handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
 log = logging.getLogger("celery_forkguard.starter")
@@ -67,7 +68,7 @@ class StarterRun:
     """One starter process and the files its generations write."""
 
     def __init__(self, workdir: Path, plan: dict[int, str], ready_timeout: float,
-                 failed_grace: float) -> None:
+                 failed_grace: float, handover_timeout: float) -> None:
         self.workdir = workdir
         (workdir / "plan.json").write_text(json.dumps({str(k): v for k, v in plan.items()}))
         (workdir / "events").touch()
@@ -75,7 +76,7 @@ class StarterRun:
         with open(workdir / "starter.out", "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", RUNNER, str(workdir), str(ready_timeout),
-                 str(failed_grace), str(FAKE)],
+                 str(failed_grace), str(FAKE), str(handover_timeout)],
                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -225,8 +226,8 @@ def run_starter(tmp_path: Path) -> Iterator[RunStarter]:
     runs: list[StarterRun] = []
 
     def start(plan: Optional[dict[int, str]] = None, ready_timeout: float = 10.0,
-              failed_grace: float = 10.0) -> StarterRun:
-        run = StarterRun(tmp_path, plan or {}, ready_timeout, failed_grace)
+              failed_grace: float = 10.0, handover_timeout: float = 10.0) -> StarterRun:
+        run = StarterRun(tmp_path, plan or {}, ready_timeout, failed_grace, handover_timeout)
         runs.append(run)
         return run
 
@@ -270,12 +271,32 @@ def test_hup_starts_a_generation_that_takes_over_once_ready(run_starter: RunStar
     assert f"reload (SIGHUP): started generation 2 (pid {pid2})" in log
     assert f"; retiring generation 1 (pid {pid1})" in log
     starter.wait_log(f"generation 1 (pid {pid1}) retired (exit 0) after ")
-    # WINCH only once the new one is ready.
+    # The new one is exec'd once the old one moved its mailbox aside; WINCH only
+    # once the new one is ready.
+    assert starter.whats(1)[2:4] == ["got mailbox-release", "wrote mailbox-released"]
+    assert starter.event(1, "wrote mailbox-released").at <= starter.events(2)[0].at
     assert starter.event(1, "sig=WINCH").at >= starter.event(2, "wrote ready").at
     assert starter.whats(1)[-2:] == ["wrote retiring 0", "exit code=0"]
     starter.wait_title(f"generation 2 current (pid {pid2})")
     assert "generation 1" not in starter.title()
     assert starter.proc.poll() is None
+
+
+def test_reload_goes_on_when_the_serving_one_keeps_its_mailbox(run_starter: RunStarter) -> None:
+    starter = run_starter({1: "ok,keep-mailbox"}, handover_timeout=0.5)
+    pid1 = starter.wait_current(1)
+    hup_at = time.monotonic()
+    starter.kill(signal.SIGHUP)
+    starter.kill(signal.SIGHUP)  # while it waits: the same reload, not a queued one
+    pid2 = starter.wait_current(2)
+    log = starter.wait_log(f"generation 1 (pid {pid1}) retired (exit 0)")
+    assert (f"generation 1 (pid {pid1}) did not free its mailbox within 0.5s; starting the "
+            "next generation anyway") in log, starter.diagnostics()
+    assert starter.events(2)[0].at - hup_at >= 0.5
+    starter.barrier()
+    assert starter.started_count() == 2, starter.diagnostics()
+    assert "reload queued" not in starter.log()
+    assert pid2 != pid1
 
 
 def test_hups_while_a_generation_starts_make_one_queued_reload(run_starter: RunStarter) -> None:
@@ -335,6 +356,9 @@ def test_generation_that_exits_before_ready_is_a_failed_deploy(run_starter: RunS
     pid2 = starter.gen_pid(2)
     starter.wait_log(f"deploy failed: generation 2 (pid {pid2}) exited (exit 2) before "
                      f"consuming; generation 1 (pid {pid1}) keeps serving")
+    # The node's mailbox goes back to the one that serves on.
+    starter.wait_event(1, "got mailbox-reclaim")
+    assert starter.event(1, "got mailbox-reclaim").at >= starter.event(2, "exit code=2").at
     starter.barrier()  # its USR1s reach generation 1: it still serves
     starter.wait_event(1, "sig=USR1")
     assert starter.signals_of(1) == ["USR1"] * len(starter.signals_of(1))
