@@ -12,7 +12,7 @@ import os
 import select
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, NoReturn, Optional
 
 from celery_forkguard import fasthooks
 from celery_forkguard.spawning import EXITED, STARTED, Event
@@ -68,12 +68,12 @@ class Forker:
 
     def events(self) -> list[Event]:
         for pid in self._exited_pids():
-            code = reap(pid)
-            if code is not None:
+            reaped = reap(pid)
+            if reaped is not None:
                 pidfd = self._children.pop(pid)
                 if pidfd is not None:
                     self._unwatch(pidfd)
-                self._events.append(Event(EXITED, pid, code))
+                self._events.append(exit_event(reaped))
         events, self._events = self._events, []
         return events
 
@@ -120,28 +120,47 @@ class Forker:
             self._epoll = None
 
 
-def reap(pid: int) -> int | None:
-    """The child's exit code (negative for a signal), or None if it still runs."""
+class Reaped(NamedTuple):
+    """A child that exited: its wait status and what it used (``wait4``'s rusage)."""
+
+    pid: int
+    status: int
+    cpu: float = 0.0  # user + system seconds
+    maxrss_kib: int = 0  # peak resident set size
+
+
+def reap(pid: int) -> Reaped | None:
+    """The child's exit (UNKNOWN_EXIT if someone else reaped it), or None if it runs."""
     try:
-        wpid, status = os.waitpid(pid, os.WNOHANG)
+        wpid, status, usage = os.wait4(pid, os.WNOHANG)
     except ChildProcessError:
         # Reaped elsewhere (a handler of the user's?): the status is gone.
-        return UNKNOWN_EXIT
+        return Reaped(pid, UNKNOWN_EXIT << 8)
     if wpid == 0:
         return None
-    return os.waitstatus_to_exitcode(status)
+    return _reaped(wpid, status, usage)
 
 
-def reaped_children() -> Iterator[tuple[int, int]]:
-    """``(pid, waitpid status)`` of every child that has exited, without blocking."""
+def reaped_children() -> Iterator[Reaped]:
+    """Every child that has exited, without blocking."""
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
-        yield pid, status
+        yield _reaped(pid, status, usage)
+
+
+def exit_event(reaped: Reaped) -> Event:
+    """The ``EXITED`` event for a reaped child."""
+    return Event(EXITED, reaped.pid, os.waitstatus_to_exitcode(reaped.status),
+                 reaped.cpu, reaped.maxrss_kib)
+
+
+def _reaped(pid: int, status: int, usage: Any) -> Reaped:
+    return Reaped(pid, status, usage.ru_utime + usage.ru_stime, int(usage.ru_maxrss))
 
 
 def signal_process(pid: int, signum: int, group: bool = False) -> bool:

@@ -16,8 +16,9 @@ Protocol over one UNIX stream socket, both ways asynchronous:
   pickled job, with the write end of the child's report pipe attached
   (SCM_RIGHTS) to the message's first byte;
 - server -> worker: ``STARTED`` (token, pid or minus the errno) once
-  forked, ``EXITED`` (pid, exit code) once reaped: in that order for any
-  one child, since both go down the same socket.
+  forked, ``EXITED`` (pid, exit code, CPU microseconds, peak RSS in KiB)
+  once reaped: in that order for any one child, since both go down the
+  same socket.
 
 The server ignores the signals operators send to the worker's process
 group, dies with the worker (PR_SET_PDEATHSIG), and exits when the socket
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from celery_forkguard.child import ChildContext
 
 REQUEST = struct.Struct("!II")  # token, payload length
-EVENT = struct.Struct("!cii")  # kind, a, b
+EVENT = struct.Struct("!ciiQQ")  # kind, a, b, CPU µs, peak RSS KiB (EXITED)
 STARTED, EXITED = b"S", b"X"
 RECV_SIZE = 1 << 16
 #: Report fds a single read may carry (Linux hands over one message's worth).
@@ -132,12 +133,13 @@ class _Server:
         self.child_main(self.ctx, pickle.loads(payload), report_fd, saved_mask)
 
     def reap_children(self) -> None:
-        for pid, status in reaped_children():
-            self.send(EXITED, pid, os.waitstatus_to_exitcode(status))
+        for reaped in reaped_children():
+            self.send(EXITED, reaped.pid, os.waitstatus_to_exitcode(reaped.status),
+                      round(reaped.cpu * 1e6), reaped.maxrss_kib)
 
-    def send(self, kind: bytes, a: int, b: int) -> None:
+    def send(self, kind: bytes, a: int, b: int, cpu_us: int = 0, maxrss_kib: int = 0) -> None:
         with contextlib.suppress(OSError):
-            self.sock.sendall(EVENT.pack(kind, a, b))
+            self.sock.sendall(EVENT.pack(kind, a, b, cpu_us, maxrss_kib))
 
 
 def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:

@@ -204,8 +204,8 @@ class ForkServerClient:
         view = self._inbox
         whole = len(view) - len(view) % size
         for offset in range(0, whole, size):
-            kind, a, b = EVENT.unpack_from(view, offset)
-            events.append(Event(_KINDS.get(kind, "?"), a, b))
+            kind, a, b, cpu_us, maxrss_kib = EVENT.unpack_from(view, offset)
+            events.append(Event(_KINDS.get(kind, "?"), a, b, cpu_us / 1e6, maxrss_kib))
         del self._inbox[:whole]
         return events
 

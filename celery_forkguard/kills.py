@@ -21,6 +21,7 @@ from celery_forkguard.lifecycle import Child
 from celery_forkguard.timers import Timer, TimerHeap
 
 if TYPE_CHECKING:
+    from celery_forkguard.metrics import PoolMetrics
     from celery_forkguard.spawning import Spawner
 
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -32,6 +33,7 @@ class Kills:
     children: dict[int, Child]
     timers: TimerHeap
     counts: Counter[str]
+    metrics: PoolMetrics
     spawner: Spawner | None
 
     def _init_kills(self) -> None:
@@ -60,6 +62,7 @@ class Kills:
     def _hard_limit(self, child: Child) -> None:
         if _alive(child) and not child.job.finished:
             self.counts["timed_out"] += 1
+            self.metrics.killed("time_limit")
             child.job.time_out(soft=False)
             child.spawner.kill(_pid(child), signal.SIGKILL, group=True)
 

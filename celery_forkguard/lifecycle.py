@@ -30,8 +30,8 @@ class Child:
     """A slot's occupant: one job, and what is known of the process running it."""
 
     __slots__ = (
-        "accepted", "asked_at", "eof_at", "exit_code", "job", "kill_error", "lost_code",
-        "pending_stop", "pid",
+        "accepted", "asked_at", "cpu", "eof_at", "exit_code", "job", "kill_error",
+        "lost_code", "maxrss_kib", "pending_stop", "pid",
         "report", "report_eof", "report_fd", "settled", "slot", "spawner", "timers",
         "token",
     )
@@ -53,6 +53,9 @@ class Child:
         self.report = bytearray()
         self.report_eof = False
         self.exit_code: Optional[int] = None
+        #: What its process used, once reaped (0 when the exit came otherwise).
+        self.cpu = 0.0
+        self.maxrss_kib = 0
         self.accepted = False
         self.settled = False
         self.timers: list[Timer] = []
@@ -110,9 +113,9 @@ class Child:
         if self.report_eof:
             self.exited(code)
 
-    def exited(self, code: int) -> None:
+    def exited(self, code: int, cpu: float = 0.0, maxrss_kib: int = 0) -> None:
         if self.exit_code is None:
-            self.exit_code = code
+            self.exit_code, self.cpu, self.maxrss_kib = code, cpu, maxrss_kib
 
     # -- what the supervisor asks -------------------------------------------------------
 

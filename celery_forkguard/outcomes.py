@@ -40,6 +40,14 @@ def worker_lost(code: int, job: Job) -> WorkerLostError:
     return WorkerLostError(f"Worker exited prematurely: {status} Job: {job.task_id}.")
 
 
+def oom_killed(job: Job, where: str) -> WorkerLostError:
+    """The error for a child the kernel's out-of-memory killer took (see ``oom``)."""
+    return WorkerLostError(
+        f"Worker exited prematurely: signal 9 (SIGKILL); killed by the kernel's "
+        f"out-of-memory killer (oom_kill went up in {where}) Job: {job.task_id}."
+    )
+
+
 def server_lost(why: str, job: Job) -> WorkerLostError:
     """The error for a task whose child was killed because its fork server was lost."""
     return WorkerLostError(

@@ -25,7 +25,7 @@ from celery_forkguard.exceptions import ForkError
 from celery_forkguard.forkserver_client import process_state
 from celery_forkguard.jobs import Job
 from celery_forkguard.lifecycle import Child
-from celery_forkguard.spawning import Spawner
+from celery_forkguard.spawning import Event, Spawner
 from celery_forkguard.timers import Timer, TimerHeap
 
 logger = get_logger(__name__)
@@ -53,7 +53,7 @@ class ServerCare:
     make_spawner: Callable[[], Spawner]
     spawner: Spawner | None
     _again: bool
-    _early_exits: dict[tuple[int, int], int]
+    _early_exits: dict[tuple[int, int], Event]
     _spawner_masks: dict[Spawner, int]
     _watchdog: Timer | None
     clock: Callable[[], float]
@@ -213,7 +213,7 @@ class ServerCare:
             self._unregister(fd)
         self._spawner_masks.pop(spawner, None)
         self._early_exits = {
-            key: code for key, code in self._early_exits.items() if key[0] != id(spawner)
+            key: event for key, event in self._early_exits.items() if key[0] != id(spawner)
         }
         spawner.close()
         if spawner is self.spawner:

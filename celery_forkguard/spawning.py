@@ -24,6 +24,8 @@ class Event(NamedTuple):
     kind: str
     a: int
     b: int
+    cpu: float = 0.0  # EXITED: the child's user + system CPU seconds
+    maxrss_kib: int = 0  # EXITED: the child's peak resident set size
 
 
 class Spawner(Protocol):

@@ -338,7 +338,7 @@ class Starter:
     # -- exits -------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        for pid, status in reaped_children():
+        for pid, status, *_ in reaped_children():
             gen = next((g for g in self.generations if g.pid == pid), None)
             if gen is None:
                 logger.debug("starter: reaped orphan %d (%s)", pid, describe_status(status))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import selectors
+import signal
 import time
 from collections import Counter, deque
 from typing import Callable
@@ -26,6 +27,8 @@ from celery_forkguard import intents, outcomes, protocol
 from celery_forkguard.jobs import Job
 from celery_forkguard.kills import Kills
 from celery_forkguard.lifecycle import Child
+from celery_forkguard.metrics import PoolMetrics, kill_reason
+from celery_forkguard.oom import OomWatch
 from celery_forkguard.servers import ServerCare
 from celery_forkguard.spawning import EXITED, STARTED, Event, Spawner
 from celery_forkguard.timers import Timer, TimerHeap
@@ -72,7 +75,9 @@ class Supervisor(Kills, ServerCare):
         self.counts: Counter[str] = Counter()
         self._token = 0
         self._spawner_masks: dict[Spawner, int] = {}
-        self._early_exits: dict[tuple[int, int], int] = {}
+        self._early_exits: dict[tuple[int, int], Event] = {}
+        self.metrics = PoolMetrics()
+        self.oom = OomWatch()
         self._advancing = False
         self._again = False
         self._fork_blocked_until = 0.0
@@ -215,14 +220,15 @@ class Supervisor(Kills, ServerCare):
             key = (id(spawner), event.b)
             self._by_pid[key] = child
             if key in self._early_exits:
-                child.exited(self._early_exits.pop(key))
+                early = self._early_exits.pop(key)
+                child.exited(early.b, early.cpu, early.maxrss_kib)
         elif event.kind == EXITED:
             key = (id(spawner), event.a)
             child = self._by_pid.get(key)
             if child is None:
-                self._early_exits[key] = event.b
+                self._early_exits[key] = event
             else:
-                child.exited(event.b)
+                child.exited(event.b, event.cpu, event.maxrss_kib)
 
     # -- acting (Celery's callbacks run here) -----------------------------------------------
 
@@ -230,6 +236,7 @@ class Supervisor(Kills, ServerCare):
         assert child.pid is not None
         child.accepted = True
         self.counts["forked"] += 1
+        self.metrics.forked(self.clock() - child.asked_at)
         self._fork_recovered()
         job = child.job
         job.accepted(child.pid, self.clock())
@@ -245,6 +252,7 @@ class Supervisor(Kills, ServerCare):
         if not child.report_eof:
             self._on_report_io(child)  # the rest of what it wrote, if any
         self._release(child)
+        self.metrics.child_exited(child.cpu, child.maxrss_kib)
         job = child.job
         if not child.accepted:
             # Its server was lost before saying it forked: a task that may have
@@ -267,9 +275,17 @@ class Supervisor(Kills, ServerCare):
             job.fail_with(report[1])
         elif child.kill_error is not None:
             self.counts["killed"] += 1
+            self.metrics.killed(kill_reason(child.kill_error))
             job.fail(child.kill_error)
+        elif child.exit_code == -signal.SIGKILL and self.oom.new_kills():
+            self.counts["lost"] += 1
+            self.metrics.killed("oom")
+            logger.error("forkguard: the kernel's out-of-memory killer killed %s[%s] (pid %s)",
+                         job.task_name, job.task_id, child.pid)
+            job.fail(outcomes.oom_killed(job, str(self.oom.path)))
         else:
             self.counts["lost"] += 1
+            self.metrics.killed("lost")
             job.fail(outcomes.worker_lost(child.exit_code or 0, job))
 
     def _release(self, child: Child) -> None:

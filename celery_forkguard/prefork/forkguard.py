@@ -286,6 +286,7 @@ class TaskPool(BasePool):
             "children": [child.describe(now) for child in running],
             "queued": len(supervisor.pending) if supervisor else 0,
             "counts": dict(supervisor.counts) if supervisor else {},
+            "forkguard": supervisor.metrics.as_dict() if supervisor else {},
         })
         return info
 

@@ -325,21 +325,23 @@ class WorkerFactory:
         self.workers: list[Worker] = []
 
     def __call__(self, *extra_args: str, env: Optional[dict[str, str]] = None,
-                 concurrency: int = 2) -> Worker:
-        worker = self._spawn(extra_args, env or {}, concurrency)
+                 concurrency: int = 2, wrapper: tuple[str, ...] = ()) -> Worker:
+        """Start a worker; *wrapper* is a command that execs the worker's (its argv after)."""
+        worker = self._spawn(extra_args, env or {}, concurrency, wrapper)
         self.workers.append(worker)
         _RUNNING.append(worker)
         self._wait_ready(worker)
         return worker
 
     def _spawn(self, extra_args: tuple[str, ...], extra_env: dict[str, str],
-               concurrency: int) -> Worker:
+               concurrency: int, wrapper: tuple[str, ...] = ()) -> Worker:
         token = uuid.uuid4().hex[:12]
         queue = f"fgit-{token}"
         hostname = f"fgit-{token}@forkguard-it"
         env = self.broker.env(queue)
         log_path = self.log_dir / f"worker-{token}.log"
         command = [
+            *wrapper,
             sys.executable, "-m", "celery", "-A", "tests.integration.proj", "worker",
             "-P", "forkguard", "-c", str(concurrency), "-l", "info",
             "-n", hostname, "-Q", queue,

@@ -400,6 +400,14 @@ def write_intent(self: Task) -> str:
     return "written"
 
 
+@app.task(bind=True, name=task_name("allocate"))
+def allocate(self: Task, mib: int) -> int:
+    """Touch *mib* MiB (every page written), as a task that runs out of memory does."""
+    evidence.record(self.request.id, pid=os.getpid())
+    block = b"\x01" * (mib << 20)
+    return len(block)
+
+
 @app.task(name=task_name("big_result"))
 def big_result(size: int) -> str:
     """A result far larger than a pipe holds: the child waits for the worker to read."""

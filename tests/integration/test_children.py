@@ -239,3 +239,42 @@ def test_cold_shutdown_ends_the_running_task_as_prefork_does(
     assert "finished" not in evidence.fields(result.id)
     wait_for(lambda: not pid_alive(pid), message=f"child {pid} to be gone")
     assert worker.session_pids() == []
+
+
+# -- what the pool measures ------------------------------------------------------------------
+
+
+def _measures(worker: Worker) -> dict[str, Any]:
+    return dict(worker.stats()["pool"]["forkguard"])
+
+
+def test_inspect_stats_measures_children_and_counts_kills_by_reason(
+    worker: Worker, evidence: proj.Evidence,
+) -> None:
+    before = _measures(worker)
+    for n in range(3):
+        assert outcome(worker.send("add", n, 1)) == ("SUCCESS", n + 1)
+    assert outcome(worker.send("hard_limited", 30))[0] == "FAILURE"
+    assert outcome(worker.send("segfault"))[0] == "FAILURE"
+    running = worker.send("sleeper", 60)
+    started_pid(evidence, running.id)
+    finish(worker, running.id)
+
+    def grown() -> dict[str, Any] | None:
+        after = _measures(worker)
+        return after if after["child_cpu_seconds"]["count"] >= (
+            before["child_cpu_seconds"]["count"] + 6) else None
+
+    after = wait_for(grown, timeout=15, message="six more children measured")
+    latency = after["fork_latency_seconds"]
+    assert latency["count"] >= before["fork_latency_seconds"]["count"] + 6
+    assert 0 < latency["p50"] <= latency["max"] < 10
+    cpu = after["child_cpu_seconds"]
+    assert 0 < cpu["p50"] <= cpu["max"]
+    # A Celery child's peak resident memory: tens of MiB, never zero.
+    rss = after["child_peak_rss_kib"]
+    assert 5_000 < rss["p50"] <= rss["max"]
+    kills = after["kills"]
+    for reason in ("time_limit", "revoke", "lost"):
+        assert kills[reason] == before["kills"][reason] + 1, (reason, before, after)
+    assert kills["oom"] == before["kills"]["oom"]

@@ -112,23 +112,25 @@ def test_events_split_anywhere_are_handed_over_whole(
 ) -> None:
     client, server = pair
     data = b"".join([
-        forkserver.EVENT.pack(forkserver.STARTED, 1, 101),
-        forkserver.EVENT.pack(forkserver.EXITED, 101, -9),
-        forkserver.EVENT.pack(forkserver.STARTED, 2, -11),
+        forkserver.EVENT.pack(forkserver.STARTED, 1, 101, 0, 0),
+        forkserver.EVENT.pack(forkserver.EXITED, 101, -9, 2_500_000, 40_960),
+        forkserver.EVENT.pack(forkserver.STARTED, 2, -11, 0, 0),
     ])
     seen: list[Event] = []
     for start in range(0, len(data), 5):
         server.sock.sendall(data[start:start + 5])
         client.wait(5.0)
         seen += client.events()
-    assert seen == [Event(STARTED, 1, 101), Event(EXITED, 101, -9), Event(STARTED, 2, -11)]
+    # An exit carries the child's CPU time (µs on the wire) and peak RSS (KiB).
+    assert seen == [Event(STARTED, 1, 101), Event(EXITED, 101, -9, 2.5, 40_960),
+                    Event(STARTED, 2, -11)]
 
 
 def test_a_server_that_exits_is_reported_gone_after_its_last_events(
     pair: tuple[ForkServerClient, RecordingServer],
 ) -> None:
     client, server = pair
-    server.sock.sendall(forkserver.EVENT.pack(forkserver.EXITED, 101, 0))
+    server.sock.sendall(forkserver.EVENT.pack(forkserver.EXITED, 101, 0, 0, 0))
     server.sock.shutdown(socket.SHUT_WR)
     client.wait(5.0)
     assert client.events() == [Event(EXITED, 101, 0)]
