@@ -19,6 +19,7 @@ from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
 from celery_forkguard import stopping, titles
+from celery_forkguard.liveness import LivenessFile
 from celery_forkguard.mailbox import generation_node_name, mailbox_name, move_mailbox
 from celery_forkguard.relay import SignalRelay
 from celery_forkguard.settings import ForkguardSettings
@@ -57,6 +58,8 @@ class Controller:
         self._shutdown_deadline = 0.0
         self._children_termed = False
         self.relay = SignalRelay(self.dispatch)
+        self.liveness = (LivenessFile(settings.liveness_file, settings.liveness_interval)
+                         if settings.liveness_file else None)
 
     # -- signals -------------------------------------------------------------------
 
@@ -258,6 +261,13 @@ class Controller:
         logger.warning("forkguard: children gone; worker exits")
         worker_state.should_stop = EX_OK
         self.relay.wake()
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def start_liveness(self, timer: Any) -> None:
+        """Touch the liveness file from the loop (the hub's timer when there is one)."""
+        if self.liveness is not None:
+            self.liveness.start(timer)
 
     # -- starter ------------------------------------------------------------------------
 

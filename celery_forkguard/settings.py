@@ -61,6 +61,12 @@ def parse_interval(name: str, value: Any) -> float:
     return seconds
 
 
+def parse_path(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ImproperlyConfigured(f"{name} must be a file path, not {value!r}")
+    return os.fspath(value)
+
+
 SETTINGS = (
     Setting(
         "forkguard_term_child", False, parse_bool, ("FORKGUARD_TERM_CHILD", "TERM_CHILD"),
@@ -102,6 +108,17 @@ SETTINGS = (
         "before it calls the deploy failed, stops it and keeps the old one serving.",
     ),
     Setting(
+        "forkguard_liveness_file", "", parse_path, ("FORKGUARD_LIVENESS_FILE",),
+        "A file the worker's event loop touches every forkguard_liveness_interval "
+        "seconds, for exec liveness probes (`python -m celery_forkguard.liveness "
+        "FILE MAX_AGE`); empty: none.",
+    ),
+    Setting(
+        "forkguard_liveness_interval", 10.0, parse_interval,
+        ("FORKGUARD_LIVENESS_INTERVAL",),
+        "How often the worker's loop touches forkguard_liveness_file.",
+    ),
+    Setting(
         "forkguard_memory_check_interval", 0.5, parse_interval,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
@@ -120,6 +137,8 @@ class ForkguardSettings:
     fork_server_timeout: float = 10.0
     retire_timeout: float = 300.0
     ready_timeout: float = 120.0
+    liveness_file: str = ""
+    liveness_interval: float = 10.0
 
 
 def load_settings(

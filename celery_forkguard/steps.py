@@ -35,6 +35,7 @@ class ForkguardControl(bootsteps.StartStopStep):
             controller = c.forkguard = Controller(c, c.pool, c.pool.settings)
             controller.watch_starter()
         controller.relay.attach(c.hub, c.call_soon)
+        controller.start_liveness(c.hub or c.timer)
         # Installed after Celery's own handlers (worker start), so ours win.
         controller.relay.install(controller.signals())
         if controller.paused:
