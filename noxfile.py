@@ -7,6 +7,7 @@
     nox -s chaos         # the bounded fault suite (tests/chaos), as CI runs it
     nox -s bench -- --tasks 2000 --rounds 3
     nox -s build         # sdist and wheel, twine check, contents and metadata
+    nox -s docs          # the Sphinx site into docs/_build/html, warnings as errors
 
 Each test session pairs one Python with one Celery release instead of
 running the full cross product: every supported Python and every supported
@@ -41,6 +42,9 @@ PAIRINGS = [
 ]
 PYTHONS = sorted({python for python, _ in PAIRINGS}, key=lambda v: tuple(map(int, v.split("."))))
 LINT_TOOLS = ("ruff==0.17.6", "mypy==2.4.1")
+#: What ``nox -s docs`` builds with (Sphinx 9 needs Python 3.11 or newer).
+DOCS_PYTHON = "3.11"
+DOCS_TOOLS = ("sphinx==9.0.4", "myst-parser==5.2.0", "furo==2025.12.19")
 
 nox.options.sessions = ["lint", "tests", "install"]
 # A missing interpreter is an error in CI (nox's own default under CI, made explicit).
@@ -183,3 +187,16 @@ def build(session: nox.Session) -> None:
     artifacts = sorted(str(p) for p in dist.iterdir())
     session.run("twine", "check", "--strict", *artifacts)
     session.run("python", str(ROOT / ".ci" / "check_dist.py"), str(dist))
+
+@nox.session(python=DOCS_PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx, MyST, furo) into docs/_build/html; warnings are errors.
+
+    First checks that docs/settings.md lists every setting of
+    celery_forkguard/settings.py.  The build starts from nothing each time,
+    so a warning in a page that did not change still fails it.
+    """
+    session.install(".", *DOCS_TOOLS)
+    session.run("python", "docs/check_settings.py")
+    shutil.rmtree(ROOT / "docs" / "_build", ignore_errors=True)
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
