@@ -188,6 +188,7 @@ def build(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *artifacts)
     session.run("python", str(ROOT / ".ci" / "check_dist.py"), str(dist))
 
+
 @nox.session(python=DOCS_PYTHON)
 def docs(session: nox.Session) -> None:
     """The documentation site (Sphinx, MyST, furo) into docs/_build/html; warnings are errors.
