@@ -146,9 +146,14 @@ def tests(session: nox.Session, celery: str) -> None:
 
 @nox.session
 def install(session: nox.Session) -> None:
-    """Tests of installing the package the way users do (tests/install)."""
-    session.install(".[test]")
-    session.run("python", "-m", "pytest", "tests/install", *session.posargs)
+    """Tests of installing the package the way users do (tests/install), and of
+    examples/django_project run as its README says (tests/examples: real workers
+    on Redis and PostgreSQL; its Procfile, systemd unit and docker-compose.yml)."""
+    # What the example project needs besides the package (its requirements.txt
+    # names celery-forkguard too, which here is the checkout), and PyYAML to
+    # read its docker-compose.yml.
+    session.install(".[test]", "django", "psycopg2-binary", "pyyaml")
+    session.run("python", "-m", "pytest", "tests/install", "tests/examples", *session.posargs)
 
 
 @nox.session

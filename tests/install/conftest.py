@@ -55,7 +55,8 @@ T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "celery_forkguard"
 DISTRIBUTION = "celery-forkguard"
-#: What pip installs next to the package: Django for the Django project and
+#: What pip installs next to the package: Django for the example Django project
+#: (examples/django_project, run on SQLite) and
 #: Celery's Redis extra (redis-py, and packaging, which kombu's Redis transport
 #: imports); Celery itself comes as the package's dependency.
 EXTRA_REQUIREMENTS = ("django", "celery[redis]")

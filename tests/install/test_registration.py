@@ -3,6 +3,10 @@
 Every test runs the ``celery`` command of a clean virtualenv into which the
 package was ``pip install``-ed (see ``conftest.py``), from a directory outside
 the repository, so nothing but the installed distribution can register the pool.
+
+The Django tests run a copy of ``examples/django_project`` (on SQLite, so the
+virtualenv needs no PostgreSQL driver) with the probe app ``fgprobe`` added
+beside it: the pool comes from the example's ``CELERY_WORKER_POOL`` alone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import configparser
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,8 @@ from celery import Celery
 
 from tests.install.conftest import (
     INSTALL_TEST_TIMEOUT,
+    REDIS_BROKER_URL,
+    REDIS_RESULTS_URL,
     InstalledVenv,
     StartWorker,
     Worker,
@@ -26,7 +33,9 @@ from tests.install.conftest import (
 
 pytestmark = [pytest.mark.install, pytest.mark.timeout(INSTALL_TEST_TIMEOUT)]
 
-DJANGO_PROJECT = Path(__file__).resolve().parent / "djproj"
+HERE = Path(__file__).resolve().parent
+EXAMPLE_PROJECT = HERE.parents[1] / "examples" / "django_project"
+PROBE_APP = HERE / "fgprobe"
 
 #: A plain Celery app; FG_CONFIG_POOL selects the pool through the configuration.
 PLAIN_APP = '''\
@@ -57,10 +66,25 @@ def plain_app(tmp_path: Path) -> Path:
     return home
 
 
+@dataclass(frozen=True)
+class DjangoProject:
+    home: Path
+    env: dict[str, str]
+
+
 @pytest.fixture
-def django_project(tmp_path: Path) -> Path:
-    """A copy of ``djproj``, so the worker runs outside the repository."""
-    return Path(shutil.copytree(DJANGO_PROJECT, tmp_path / "djproj"))
+def django_project(tmp_path: Path) -> DjangoProject:
+    """A copy of the example project with the probe app, outside the repository."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "db.sqlite3")
+    home = Path(shutil.copytree(EXAMPLE_PROJECT, tmp_path / "django_project", ignore=skip))
+    shutil.copytree(PROBE_APP, home / "fgprobe", ignore=skip)
+    return DjangoProject(home, {
+        "DJANGO_SETTINGS_MODULE": "fgprobe.settings",
+        "DJANGO_DB": "sqlite",
+        "SQLITE_PATH": str(tmp_path / "example.sqlite3"),
+        "CELERY_BROKER_URL": REDIS_BROKER_URL,
+        "CELERY_RESULT_BACKEND": REDIS_RESULTS_URL,
+    })
 
 
 def assert_fresh_children(
@@ -169,19 +193,21 @@ def test_worker_pool_in_the_app_config_selects_forkguard_without_dash_p(
 
 @pytest.mark.redis
 def test_django_celery_worker_pool_setting_selects_forkguard(
-    start_worker: StartWorker, client: Celery, installed: InstalledVenv, django_project: Path,
+    start_worker: StartWorker, client: Celery, installed: InstalledVenv,
+    django_project: DjangoProject,
 ) -> None:
-    worker = start_worker("fgproject", django_project)
-    stats = inspect_stats_cli(installed, worker, "fgproject")
+    worker = start_worker("proj", django_project.home, env=django_project.env)
+    stats = inspect_stats_cli(installed, worker, "proj")
     assert_forkguard_implementation(stats["pool"]["implementation"], installed)
     assert_fresh_children(worker, client, "fgdjango.whoami", installed)
 
 
 @pytest.mark.redis
 def test_django_fixup_treats_forkguard_as_a_forking_pool(
-    start_worker: StartWorker, client: Celery, installed: InstalledVenv, django_project: Path,
+    start_worker: StartWorker, client: Celery, installed: InstalledVenv,
+    django_project: DjangoProject,
 ) -> None:
-    worker = start_worker("fgproject", django_project)
+    worker = start_worker("proj", django_project.home, env=django_project.env)
     state = worker.call(client, "fgdjango.fixup_state")
     assert state["pid"] != worker.pid
     assert state["django_fixups"] == 1, state

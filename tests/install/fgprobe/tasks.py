@@ -1,4 +1,4 @@
-"""Tasks found by ``app.autodiscover_tasks()``."""
+"""The probe's tasks, found by ``app.autodiscover_tasks()`` in the example's ``proj/celery.py``."""
 
 import os
 from typing import Any

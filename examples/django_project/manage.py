@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Django's command-line utility for this test project."""
+"""Django's command-line utility for the forkguard example project."""
 
 import os
 import sys
 
 if __name__ == "__main__":
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fgproject.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)
