@@ -67,6 +67,16 @@ def parse_path(name: str, value: Any) -> str:
     return os.fspath(value)
 
 
+def parse_port(name: str, value: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ImproperlyConfigured(f"{name} must be a TCP port number, not {value!r}") from None
+    if not 0 <= port <= 65535 or (isinstance(value, float) and value != port):
+        raise ImproperlyConfigured(f"{name} must be a TCP port (0-65535), not {value!r}")
+    return port
+
+
 SETTINGS = (
     Setting(
         "forkguard_term_child", False, parse_bool, ("FORKGUARD_TERM_CHILD", "TERM_CHILD"),
@@ -119,6 +129,15 @@ SETTINGS = (
         "How often the worker's loop touches forkguard_liveness_file.",
     ),
     Setting(
+        "forkguard_metrics_port", 0, parse_port, ("FORKGUARD_METRICS_PORT",),
+        "Serve Prometheus metrics on this port (needs celery-forkguard[metrics]); "
+        "0: no endpoint.",
+    ),
+    Setting(
+        "forkguard_metrics_address", "0.0.0.0", parse_path, ("FORKGUARD_METRICS_ADDRESS",),
+        "The address the Prometheus endpoint listens on.",
+    ),
+    Setting(
         "forkguard_memory_check_interval", 0.5, parse_interval,
         ("FORKGUARD_MEMORY_CHECK_INTERVAL",),
         "How often each child's resident memory is compared with "
@@ -139,6 +158,8 @@ class ForkguardSettings:
     ready_timeout: float = 120.0
     liveness_file: str = ""
     liveness_interval: float = 10.0
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"
 
 
 def load_settings(

@@ -13,6 +13,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 
 from celery_forkguard.controller import Controller
+from celery_forkguard.prometheus import start_exporter
 
 logger = get_logger(__name__)
 
@@ -34,6 +35,10 @@ class ForkguardControl(bootsteps.StartStopStep):
         if controller is None:
             controller = c.forkguard = Controller(c, c.pool, c.pool.settings)
             controller.watch_starter()
+            settings = c.pool.settings
+            if settings.metrics_port:
+                # Once, after the pool (and its fork server) started.
+                start_exporter(c.pool, settings.metrics_port, settings.metrics_address)
         controller.relay.attach(c.hub, c.call_soon)
         controller.start_liveness(c.hub or c.timer)
         # Installed after Celery's own handlers (worker start), so ours win.

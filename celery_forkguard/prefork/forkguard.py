@@ -14,13 +14,14 @@ from typing import Any, Callable
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
-from celery_forkguard import intents, stopping
+from celery_forkguard import intents, prometheus, stopping
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
 from celery_forkguard.forkserver_client import ForkServerClient
 from celery_forkguard.jobs import Job
 from celery_forkguard.lifecycle import Child
+from celery_forkguard.metrics import PoolMetrics
 from celery_forkguard.settings import ForkguardSettings, load_settings
 from celery_forkguard.spawning import Spawner
 from celery_forkguard.starter_link import starter_link
@@ -49,6 +50,8 @@ class TaskPool(BasePool):
         app = (self.options.get("initargs") or (self.app,))[0] or self.app
         # Bad settings stop the worker here, before it takes any task.
         self.settings = load_settings(app.conf) if app is not None else ForkguardSettings()
+        if self.settings.metrics_port:
+            prometheus.check_available()
         if app is not None:
             install_consumer_step(app)
         # Take the starter's link (if any) out of the environment before the
@@ -271,6 +274,14 @@ class TaskPool(BasePool):
         return int(self.limit or 0)
 
     # -- inspect stats ---------------------------------------------------------------
+
+    def measures(self) -> tuple[PoolMetrics, dict[str, int], int, int] | None:
+        """The measures, counts, running children and queued tasks (any thread)."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return None
+        return (supervisor.metrics, dict(supervisor.counts), len(supervisor.running()),
+                len(supervisor.pending))
 
     def _get_info(self) -> dict[str, Any]:
         info = super()._get_info()

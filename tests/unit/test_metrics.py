@@ -86,3 +86,33 @@ def test_oom_watch_counts_new_kills_once(tmp_path: Path) -> None:
     assert watch.new_kills() == 0
     events.unlink()
     assert watch.new_kills() == 0
+
+
+# -- the Prometheus endpoint's settings -------------------------------------------------------
+
+
+def test_metrics_port_setting_is_validated() -> None:
+    from celery.exceptions import ImproperlyConfigured
+
+    from celery_forkguard.settings import load_settings
+
+    assert load_settings({}, {}).metrics_port == 0
+    assert load_settings({}, {"FORKGUARD_METRICS_PORT": "9808"}).metrics_port == 9808
+    assert load_settings({"forkguard_metrics_port": 9100}, {}).metrics_port == 9100
+    for bad in ("http", "70000", "-1", "98.5"):
+        with pytest.raises(ImproperlyConfigured, match="FORKGUARD_METRICS_PORT must be"):
+            load_settings({}, {"FORKGUARD_METRICS_PORT": bad})
+
+
+def test_metrics_without_prometheus_client_stop_the_worker_saying_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from celery.exceptions import ImproperlyConfigured
+
+    from celery_forkguard import prometheus
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    with pytest.raises(ImproperlyConfigured, match=r"pip install 'celery-forkguard\[metrics\]'"):
+        prometheus.check_available()
