@@ -96,9 +96,15 @@ class Job:
             self._call(self.callback, outcome)
 
     def fail(self, exc: BaseException) -> None:
+        """Record a failure the pool decided (a kill, a lost child) for this job."""
         if not self.finished:
             self.finished = True
-            self._call(self.error_callback, exception_info(exc))
+            einfo = exception_info(exc)
+            # billiard wraps the exception to carry its traceback across a pickle;
+            # nothing is pickled here, and Celery's task-failed event reprs the
+            # wrapper ("ExceptionWithTraceback()") instead of the error.
+            einfo.exception = exc
+            self._call(self.error_callback, einfo)
 
     def fail_with(self, einfo: ExceptionInfo) -> None:
         if not self.finished:

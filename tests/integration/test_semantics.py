@@ -290,3 +290,18 @@ def test_task_events_are_sent(worker: Worker) -> None:
                  message="the final task events")
     assert log.types(uuid=ok.id) == ["task-received", "task-started", "task-succeeded"]
     assert log.types(uuid=failed.id) == ["task-received", "task-started", "task-failed"]
+
+
+def test_failures_the_pool_records_name_the_error_in_events(worker: Worker) -> None:
+    with EventLog(worker.app) as log:
+        wait_for(lambda: log.types(hostname=worker.hostname), timeout=15,
+                 message="an event from the worker")
+        lost = worker.send("segfault")
+        assert outcome(lost)[0] == "FAILURE"
+        wait_for(lambda: "task-failed" in log.types(uuid=lost.id),
+                 message="the task-failed event")
+    [failed] = [e for e in log.events if e["type"] == "task-failed" and e["uuid"] == lost.id]
+    # The error itself (not billiard's wrapper, "ExceptionWithTraceback()"), and its text.
+    assert failed["exception"].startswith("WorkerLostError('Worker exited prematurely: "
+                                          "signal 11 (SIGSEGV)"), failed
+    assert "WorkerLostError: Worker exited prematurely: signal 11" in failed["traceback"]
