@@ -45,8 +45,11 @@ SOFT_TIMEOUT_SIGNAL = signal.SIGUSR1
 class ChildContext:
     """What every child is handed: fixed once per pool."""
 
-    def __init__(self, hostname: str, parent_pid: int, term_child: bool = False) -> None:
+    def __init__(self, hostname: str, parent_pid: int, term_child: bool = False,
+                 immortalize: bool = False) -> None:
         self.hostname = hostname
+        #: Whether the fork server makes its heap immortal (immortal.py).
+        self.immortalize = immortalize
         #: With term_child the worker decides when a task gets TERM: a TERM it
         #: did not send (Heroku signals every process of a dyno) is ignored.
         self.term_child = term_child

@@ -39,7 +39,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from celery_forkguard import fasthooks
+from celery_forkguard import fasthooks, immortal
 from celery_forkguard.forking import fork_with_signals_blocked, reaped_children
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
 
     # Nothing here creates garbage worth collecting; a collection would copy pages.
     gc.disable()
+    if ctx.immortalize:
+        # The master froze its heap (gc.freeze): frozen objects are not listed.
+        gc.unfreeze()
+        immortal.immortalize_heap()
     gc.freeze()
     wake_r, wake_w = _quiet_signals()
     fasthooks.restore_signal_mask(saved_mask)

@@ -100,6 +100,12 @@ SETTINGS = (
         "copy-on-write faults off the worker's event loop.",
     ),
     Setting(
+        "forkguard_immortalize", True, parse_bool, ("FORKGUARD_IMMORTALIZE",),
+        "On CPython 3.12 and 3.13 (64-bit, with the GIL), make the fork server's "
+        "objects immortal (PEP 683) so that children stop copying its pages to "
+        "write reference counts; elsewhere it does nothing.",
+    ),
+    Setting(
         "forkguard_fork_server_timeout", 10.0, parse_interval,
         ("FORKGUARD_FORK_SERVER_TIMEOUT",),
         "Seconds the fork server may leave a request for a child unanswered (or a "
@@ -154,6 +160,7 @@ class ForkguardSettings:
     memory_check_interval: float = 0.5
     fork_server: bool = True
     fork_server_timeout: float = 10.0
+    immortalize: bool = True
     retire_timeout: float = 300.0
     ready_timeout: float = 120.0
     liveness_file: str = ""

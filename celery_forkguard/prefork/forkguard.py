@@ -14,7 +14,7 @@ from typing import Any, Callable
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
-from celery_forkguard import intents, prometheus, stopping
+from celery_forkguard import immortal, intents, prometheus, stopping
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
@@ -68,7 +68,8 @@ class TaskPool(BasePool):
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
         prepare_master(self.app, self.hostname)
-        ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child)
+        ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
+                           immortalize=self._immortalize())
         self._supervisor = Supervisor(
             partial(self._make_spawner, ctx), self.limit or 1, on_job_done=self._on_job_done,
             spawn_timeout=self.settings.fork_server_timeout,
@@ -77,6 +78,16 @@ class TaskPool(BasePool):
         self._supervisor.memory_check_interval = self.settings.memory_check_interval
         if self.options.get("threads", True):
             self._driver = ThreadDriver(self._supervisor)
+
+    def _immortalize(self) -> bool:
+        """Whether the fork server makes its heap immortal (see immortal.py)."""
+        if not (self.settings.immortalize and self.settings.fork_server):
+            return False
+        reason = immortal.unsupported_reason()
+        if reason is not None:
+            logger.debug("forkguard: fork server heap stays mortal: %s", reason)
+            return False
+        return True
 
     def _make_spawner(self, ctx: ChildContext) -> Spawner:
         if self.settings.fork_server:

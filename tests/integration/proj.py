@@ -30,6 +30,7 @@ import os
 import random
 import signal
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -317,6 +318,10 @@ def probe_child(self: Task) -> dict[str, Any]:
         "pgrp": os.getpgrp(),
         "init_pid": INIT_PID,
         "random": random.random(),
+        # An object the app made at import: immortal when the fork server made its
+        # heap immortal (CPython 3.12/3.13), the same count as None's then.
+        "app_refcount": sys.getrefcount(app),
+        "none_refcount": sys.getrefcount(None),
         "handlers": {
             name: _handler_name(signal.getsignal(getattr(signal, name)))
             for name in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM", "SIGQUIT")

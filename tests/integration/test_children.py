@@ -278,3 +278,14 @@ def test_inspect_stats_measures_children_and_counts_kills_by_reason(
     for reason in ("time_limit", "revoke", "lost"):
         assert kills[reason] == before["kills"][reason] + 1, (reason, before, after)
     assert kills["oom"] == before["kills"]["oom"]
+
+
+def test_children_fork_from_an_immortal_heap_where_python_allows(
+    worker: Worker, fork_mode: str,
+) -> None:
+    from celery_forkguard.immortal import unsupported_reason
+
+    report = probe(worker)
+    immortal = report["app_refcount"] == report["none_refcount"]
+    # Only the fork server's heap is made immortal, and only where the rule is known.
+    assert immortal == (fork_mode == "fork-server" and unsupported_reason() is None), report
