@@ -175,9 +175,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput of forkguard against prefork (needs Redis; see benchmarks/README.md)."""
-    session.install(".[test]")
-    session.run("python", "-m", "benchmarks.throughput", *session.posargs)
+    """The benchmark suite: forkguard against prefork, solo, threads, RQ and the fork
+    floor, in one run (needs Redis on 127.0.0.1:6379 and flushes its databases 6 and 7;
+    see benchmarks/README.md).  Another Python: ``nox -s bench --force-python 3.12``."""
+    # What it compares with (RQ 3's CLI: worker, worker-pool; RQ 3 needs Python 3.10+,
+    # without it the suite leaves the RQ contenders out), measures with and draws with.
+    session.install(".[redis]", "rq>=3.0,<4; python_version >= '3.10'", "psutil>=5.9",
+                    "matplotlib>=3.5")
+    session.run("python", "-m", "benchmarks.suite", *session.posargs)
 
 
 @nox.session

@@ -1,18 +1,21 @@
-"""The Celery app the throughput benchmark starts its workers with.
+"""The Celery app the benchmark suite starts its workers with.
 
-One trivial task, ``bench.tick``: it opens a fresh TCP connection to Redis,
-``INCR``s a per-run counter and closes it.  The connection is opened per
-call in every pool on purpose: a client kept at module level would be
-reused by prefork's long-lived processes but rebuilt by every forkguard
-child, and the benchmark would then compare connection reuse instead of
-pools.  The first and the last task of a run also store their clock
-(``time.monotonic``, which is system-wide on Linux), so the benchmark times
-the run from inside the workers and polls Redis only slowly.
+Its tasks wrap the functions of ``jobs.py`` (which RQ runs as they are):
+``bench.tick`` counts a completion (optionally after sleeping),
+``bench.touch`` reads a slice of the preloaded objects first, ``bench.leak``
+leaks 2 MiB first, ``bench.stamp`` records its publish-to-start latency and
+``bench.hold`` records its pid and sleeps until it is killed.
 
-Settings come from the environment so the benchmark can point the workers
-at its own Redis databases: ``FORKGUARD_BENCH_BROKER`` (default DB 12),
-``FORKGUARD_BENCH_BACKEND`` (default DB 13) and ``FORKGUARD_BENCH_COUNTER``
-(where the task counts; default: the broker's database).
+Settings come from the environment so the suite can point the workers at
+its own Redis databases: ``FORKGUARD_BENCH_BROKER`` (default DB 6),
+``FORKGUARD_BENCH_BACKEND`` (default DB 7) and ``FORKGUARD_BENCH_COUNTER``
+(where the tasks count; default DB 6).  ``FORKGUARD_BENCH_PRELOAD_MB=N``
+makes the app hold about N MiB of Python objects from import on (see
+``jobs.py``).
+
+``FORKGUARD_BENCH_FLOOR=KEY:FORKS:SLOTS[,SLOTS...]`` measures the fork floor
+once the worker is ready, in the worker's own process and in a quiet copy
+of it (see ``fork_floor``), and stores the figures at KEY and KEY:copy.
 
 ``FORKGUARD_BENCH_PHASES=PATH`` makes every forked child append one JSON
 line to PATH at its ``worker_process_shutdown``: wall and CPU time and minor
@@ -26,22 +29,22 @@ stop it at once so only the master is measured.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
-import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import Celery, signals
 
-DEFAULT_BROKER = "redis://127.0.0.1:6379/12"
-DEFAULT_BACKEND = "redis://127.0.0.1:6379/13"
+from benchmarks import jobs
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/6"
+DEFAULT_BACKEND = "redis://127.0.0.1:6379/7"
 
 BROKER_URL = os.environ.get("FORKGUARD_BENCH_BROKER", DEFAULT_BROKER)
 BACKEND_URL = os.environ.get("FORKGUARD_BENCH_BACKEND", DEFAULT_BACKEND)
-COUNTER_URL = os.environ.get("FORKGUARD_BENCH_COUNTER", BROKER_URL)
 
 app = Celery("forkguard_bench", broker=BROKER_URL, backend=BACKEND_URL)
 app.conf.update(
@@ -52,60 +55,113 @@ app.conf.update(
 )
 
 
-def counter_address(url: str = COUNTER_URL) -> tuple[str, int, int]:
-    """(host, port, db) of the Redis the task counts in."""
-    parts = urlsplit(url)
-    db = int((parts.path or "/0").lstrip("/") or 0)
-    return parts.hostname or "127.0.0.1", parts.port or 6379, db
-
-
-#: Parsed once here, so every pool's task does the same work per call.
-COUNTER = counter_address()
-
-
-def _resp(*words: str) -> bytes:
-    """One Redis command in RESP, the protocol's plain wire form."""
-    out = [f"*{len(words)}\r\n".encode()]
-    for word in words:
-        data = word.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\r\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            raise ConnectionError("Redis closed the connection")
-        buf += chunk
-    if buf.startswith(b"-"):
-        raise RuntimeError(f"Redis error: {buf.decode(errors='replace').strip()}")
-    return buf
-
-
-def _command(sock: socket.socket, *words: str) -> bytes:
-    sock.sendall(_resp(*words))
-    return _read_line(sock)
-
-
 @app.task(name="bench.tick", ignore_result=True)
 def tick(key: str, total: int, sleep_ms: float = 0.0) -> None:
-    """Count one completion; the first and the last also record the time.
+    """Count one completion (``jobs.tick``); *sleep_ms* stands for the task's work."""
+    jobs.tick(key, total, sleep_ms)
 
-    *sleep_ms* stands for the task's own work (waiting on I/O, say).
+
+@app.task(name="bench.touch", ignore_result=True)
+def touch(key: str, total: int, share: float = 0.01) -> None:
+    """Read a slice of the preloaded objects, then count (``jobs.touch``)."""
+    jobs.touch(key, total, share)
+
+
+@app.task(name="bench.leak", ignore_result=True)
+def leak(key: str, total: int, mb: float = 2.0) -> None:
+    """Leak *mb* MiB into a module-level list, then count (``jobs.leak``)."""
+    jobs.leak(key, total, mb)
+
+
+@app.task(name="bench.stamp", ignore_result=True)
+def stamp(key: str, published: float) -> None:
+    """Record the publish-to-start latency (``jobs.stamp``)."""
+    jobs.stamp(key, published)
+
+
+@app.task(name="bench.hold", ignore_result=True)
+def hold(key: str, seconds: float) -> None:
+    """Record this process's pid, then sleep until killed (``jobs.hold``)."""
+    jobs.hold(key, seconds)
+
+
+# -- the fork floor -----------------------------------------------------------------------
+
+
+def fork_floor(forks: int, slots: int) -> dict[str, float]:
+    """Fork *forks* children that ``os._exit(0)`` at once, *slots* at a time.
+
+    What a fork-per-task pool cannot go below: ``os.fork()`` of this process
+    (CPython's at-fork hooks included), the child's exit, and ``wait()``.
+    CPU and page faults of the children come from ``RUSAGE_CHILDREN``.
     """
-    if sleep_ms:
-        time.sleep(sleep_ms / 1e3)
-    host, port, db = COUNTER
-    with socket.create_connection((host, port), timeout=10) as sock:
-        if db:
-            _command(sock, "SELECT", str(db))
-        count = int(_command(sock, "INCR", f"{key}:count")[1:])
-        if count == 1:
-            _command(sock, "SET", f"{key}:first", repr(time.monotonic()))
-        if count == total:
-            _command(sock, "SET", f"{key}:last", repr(time.monotonic()))
+    ours: set[int] = set()
+    before_self = resource.getrusage(resource.RUSAGE_SELF)
+    before_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    forked = 0
+    while forked < forks or ours:
+        while len(ours) < slots and forked < forks:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            ours.add(pid)
+            forked += 1
+        pid, _ = os.wait()
+        ours.discard(pid)
+    elapsed = time.perf_counter() - started
+    after_self = resource.getrusage(resource.RUSAGE_SELF)
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def cpu(usage: resource.struct_rusage) -> float:
+        return usage.ru_utime + usage.ru_stime
+
+    return {
+        "slots": slots,
+        "forks": forks,
+        "seconds": elapsed,
+        "forks_per_s": forks / elapsed,
+        "parent_cpu_ms_per_fork": (cpu(after_self) - cpu(before_self)) * 1e3 / forks,
+        "child_cpu_ms_per_fork": (cpu(after_children) - cpu(before_children)) * 1e3 / forks,
+        "parent_minflt_per_fork": (after_self.ru_minflt - before_self.ru_minflt) / forks,
+        "child_minflt_per_fork": (after_children.ru_minflt - before_children.ru_minflt) / forks,
+    }
+
+
+def _fork_floor_at_ready() -> None:
+    """With FORKGUARD_BENCH_FLOOR=KEY:FORKS:SLOTS[,SLOTS...], measure the floor
+    once the worker is ready, in its own process and in a copy of it, and SET
+    the figures (JSON) at KEY and KEY:copy in the counter's database."""
+    spec = os.environ.get("FORKGUARD_BENCH_FLOOR")
+    if not spec:
+        return
+    key, forks, slots = spec.rsplit(":", 2)
+
+    def figures() -> str:
+        with open("/proc/self/statm", "rb") as f:
+            rss_kib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        runs = [fork_floor(int(forks), int(n)) for n in slots.split(",")]
+        return json.dumps({"pid": os.getpid(), "rss_kib": rss_kib, "runs": runs})
+
+    def measure(**_: Any) -> None:
+        # In the worker itself, then in a quiet copy of it (as forkguard's fork
+        # server is one): the floor is the faster of the two.
+        worker = figures()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                gc.disable()
+                gc.freeze()
+                copy = figures()
+                with jobs.connect() as sock:
+                    jobs.command(sock, "SET", f"{key}:copy", copy)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        with jobs.connect() as sock:
+            jobs.command(sock, "SET", key, worker)
+
+    signals.worker_ready.connect(measure, weak=False)
 
 
 def _watch_phases() -> None:
@@ -177,3 +233,4 @@ def _start_profiler() -> None:
 
 _watch_phases()
 _start_profiler()
+_fork_floor_at_ready()
