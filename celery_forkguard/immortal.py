@@ -16,7 +16,9 @@ memory in every child.  Only where the rule is known: CPython 3.12 and 3.13,
 An immortal object is never freed in the fork server (which frees almost
 nothing anyway) and ``sys.getrefcount`` reports the marker for it: code that
 checks reference counts on inherited objects (``numpy.ndarray.resize``) sees
-them as shared.  ``forkguard_immortalize = False`` turns this off.
+them as shared.  Marking writes every page of the fork server's heap, so the
+server gets a private copy of it (the worker keeps its own): more memory for
+a large app, and a longer start.  Hence opt-in: ``forkguard_immortalize``.
 """
 
 from __future__ import annotations

@@ -100,10 +100,11 @@ SETTINGS = (
         "copy-on-write faults off the worker's event loop.",
     ),
     Setting(
-        "forkguard_immortalize", True, parse_bool, ("FORKGUARD_IMMORTALIZE",),
+        "forkguard_immortalize", False, parse_bool, ("FORKGUARD_IMMORTALIZE",),
         "On CPython 3.12 and 3.13 (64-bit, with the GIL), make the fork server's "
         "objects immortal (PEP 683) so that children stop copying its pages to "
-        "write reference counts; elsewhere it does nothing.",
+        "write reference counts, at the cost of a private copy of its heap; "
+        "elsewhere it does nothing.",
     ),
     Setting(
         "forkguard_fork_server_timeout", 10.0, parse_interval,
@@ -160,7 +161,7 @@ class ForkguardSettings:
     memory_check_interval: float = 0.5
     fork_server: bool = True
     fork_server_timeout: float = 10.0
-    immortalize: bool = True
+    immortalize: bool = False
     retire_timeout: float = 300.0
     ready_timeout: float = 120.0
     liveness_file: str = ""

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(90)
 
 #: How the worker forks its children (setting forkguard_fork_server): both must be clean.
 FORK_MODES = {
-    "fork-server": {"FORKGUARD_FORK_SERVER": "1"},
+    # With an immortal fork-server heap where Python has one (3.12, 3.13).
+    "fork-server": {"FORKGUARD_FORK_SERVER": "1", "FORKGUARD_IMMORTALIZE": "1"},
     "in-worker": {"FORKGUARD_FORK_SERVER": "0"},
 }
 
