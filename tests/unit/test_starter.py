@@ -413,11 +413,18 @@ FORWARDED = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTTIN, sig
 
 
 def send_and_wait(starter: StarterRun, gen: int, signums: list[signal.Signals]) -> None:
-    """Signal the starter one at a time, each once generation *gen* got the one before."""
+    """Signal the starter one at a time, each once generation *gen* got the one before.
+
+    Each wait is for that very signal: a count of all signals could be met by a
+    barrier's USR1 still on its way, and a TTIN/TTOU sent while a CONT is
+    pending makes the kernel discard the CONT (stop signals cancel it).
+    """
     for signum in signums:
-        count = len(starter.signals_of(gen)) + 1
+        name = signum.name[3:]
+        seen = starter.signals_of(gen).count(name)
         starter.kill(signum)
-        starter.wait_signals(gen, count)
+        starter.wait(lambda name=name, seen=seen: starter.signals_of(gen).count(name) > seen,
+                     f"{signum.name} at generation {gen}")
 
 
 def test_operator_signals_go_to_the_current_generation_only(run_starter: RunStarter) -> None:
