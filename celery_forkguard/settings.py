@@ -61,9 +61,10 @@ def parse_interval(name: str, value: Any) -> float:
     return seconds
 
 
-def parse_path(name: str, value: Any) -> str:
+def parse_text(name: str, value: Any) -> str:
+    """A path or an address: a string (or path-like)."""
     if not isinstance(value, (str, os.PathLike)):
-        raise ImproperlyConfigured(f"{name} must be a file path, not {value!r}")
+        raise ImproperlyConfigured(f"{name} must be a string, not {value!r}")
     return os.fspath(value)
 
 
@@ -125,7 +126,7 @@ SETTINGS = (
         "before it calls the deploy failed, stops it and keeps the old one serving.",
     ),
     Setting(
-        "forkguard_liveness_file", "", parse_path, ("FORKGUARD_LIVENESS_FILE",),
+        "forkguard_liveness_file", "", parse_text, ("FORKGUARD_LIVENESS_FILE",),
         "A file the worker's event loop touches every forkguard_liveness_interval "
         "seconds, for exec liveness probes (`python -m celery_forkguard.liveness "
         "FILE MAX_AGE`); empty: none.",
@@ -141,7 +142,7 @@ SETTINGS = (
         "0: no endpoint.",
     ),
     Setting(
-        "forkguard_metrics_address", "0.0.0.0", parse_path, ("FORKGUARD_METRICS_ADDRESS",),
+        "forkguard_metrics_address", "0.0.0.0", parse_text, ("FORKGUARD_METRICS_ADDRESS",),
         "The address the Prometheus endpoint listens on.",
     ),
     Setting(
