@@ -7,6 +7,11 @@ exited) come through different fds and can be read in any order and by any
 call: reading only *records* them here; the supervisor then asks what each
 child is ready for (accept, settle) in one place.  Nothing read is ever set
 aside where the loop does not look.
+
+A child whose whole report is in is settled at once, before its exit is
+heard ("settle on report"): its task has ended, so its slot goes to the next
+task while it runs its shutdown hooks and exits.  It lingers, settled, until
+its exit is known.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Optional
 
+from celery_forkguard import protocol
 from celery_forkguard.jobs import Job
 from celery_forkguard.timers import Timer
 
@@ -21,7 +27,7 @@ from celery_forkguard.timers import Timer
 class State(enum.Enum):
     REQUESTED = "requested"  # asked for; no pid yet
     RUNNING = "running"  # forked: pid known
-    REPORTED = "reported"  # its report pipe reached EOF
+    REPORTED = "reported"  # its whole report is in, or its report pipe reached EOF
     EXITED = "exited"  # its exit status is known
     SETTLED = "settled"  # the job has its outcome; the slot is free
 
@@ -32,8 +38,8 @@ class Child:
     __slots__ = (
         "accepted", "asked_at", "cpu", "eof_at", "exit_code", "job", "kill_error",
         "lost_code", "maxrss_kib", "pending_stop", "pid",
-        "report", "report_eof", "report_fd", "settled", "slot", "spawner", "timers",
-        "token",
+        "report", "report_eof", "report_fd", "report_whole", "settled", "slot", "spawner",
+        "timers", "token",
     )
 
     def __init__(
@@ -51,6 +57,8 @@ class Child:
         self.asked_at = asked_at
         self.eof_at: Optional[float] = None
         self.report = bytearray()
+        #: Every byte of its report is in (the child may not have exited yet).
+        self.report_whole = False
         self.report_eof = False
         self.exit_code: Optional[int] = None
         #: What its process used, once reaped (0 when the exit came otherwise).
@@ -78,7 +86,7 @@ class Child:
             return State.EXITED
         if self.pid is None:
             return State.REQUESTED
-        return State.REPORTED if self.report_eof else State.RUNNING
+        return State.REPORTED if self.report_whole or self.report_eof else State.RUNNING
 
     def describe(self, now: float) -> dict[str, Any]:
         """What ``inspect stats`` and ``forkguard_status`` show of a running child."""
@@ -100,6 +108,8 @@ class Child:
 
     def report_data(self, data: bytes) -> None:
         self.report += data
+        if not self.report_whole:
+            self.report_whole = protocol.is_whole(self.report)
 
     def report_closed(self, now: float) -> None:
         if not self.report_eof:
@@ -124,5 +134,15 @@ class Child:
         return self.pid is not None and not self.accepted and not self.settled
 
     def ready_to_settle(self) -> bool:
-        """Its process is gone: the outcome is whatever its report says."""
-        return self.exit_code is not None and not self.settled
+        """Its task has ended: its whole report is in, or its process is gone.
+
+        A report is only acted on once the child was accepted (its pid known),
+        so Celery always hears that a task started before how it ended.
+        """
+        if self.settled:
+            return False
+        return self.exit_code is not None or (self.report_whole and self.accepted)
+
+    def lingering(self) -> bool:
+        """Settled on its report while its process is still exiting."""
+        return self.settled and self.pid is not None and self.exit_code is None

@@ -45,6 +45,7 @@ class ServerCare:
     """Fork servers for the supervisor: one current, and those still retiring."""
 
     children: dict[int, Child]
+    lingering: dict[tuple[int, int], Child]
     pending: deque[Job]
     timers: TimerHeap
     counts: Counter[str]
@@ -69,6 +70,9 @@ class ServerCare:
         raise NotImplementedError
 
     def _note_fork_shortage(self, code: int, why: str) -> None:
+        raise NotImplementedError
+
+    def _forget_lingering(self, child: Child) -> None:
         raise NotImplementedError
 
     # -- starting and watching --------------------------------------------------------------
@@ -119,7 +123,7 @@ class ServerCare:
 
     def _arm_watchdog(self, after: float | None = None) -> None:
         """One timer while there are children, not one per child: cheap on the hot path."""
-        if self._watchdog is None and self.children:
+        if self._watchdog is None and (self.children or self.lingering):
             start = self.clock() if after is None else after
             self._watchdog = self.timers.call_at(
                 start + self.spawn_timeout / WATCH_TICKS, self._watch_servers
@@ -130,14 +134,14 @@ class ServerCare:
         assert self._watchdog is not None
         ticked, self._watchdog = self._watchdog.deadline, None
         now = self.clock()
-        for child in list(self.children.values()):
+        for child in [*self.children.values(), *self.lingering.values()]:
             why = self._overdue(child, now)
             if why and child.spawner in self._spawner_masks:
                 self._spawner_lost(child.spawner, why)
         self._arm_watchdog(after=ticked)  # on a fixed grid: no drift
 
     def _overdue(self, child: Child, now: float) -> str | None:
-        if child.settled or child.exit_code is not None:
+        if child.exit_code is not None or (child.settled and not child.lingering()):
             return None
         timeout = self.spawn_timeout
         if child.pid is None and now - child.asked_at >= timeout:
@@ -161,7 +165,8 @@ class ServerCare:
         Celery is told it was lost, and requeueing it never makes two copies.
         """
         mine = [c for c in self.children.values() if c.spawner is spawner]
-        retry = self._never_forked(spawner, mine)
+        exiting = [c for c in self.lingering.values() if c.spawner is spawner]
+        retry = self._never_forked(spawner, mine + exiting)
         victims = [c for c in mine if c not in retry]
         logger.error(
             "forkguard: the fork server (pid %s) %s; killing it and %d task process(es) "
@@ -172,7 +177,7 @@ class ServerCare:
         for child in reversed(retry):
             self._release(child)
             self.pending.appendleft(child.job)
-        for child in victims:
+        for child in victims + exiting:
             if child.pid is not None and child.exit_code is None:
                 spawner.kill(child.pid, signal.SIGKILL, group=True)
             child.kill_error = child.kill_error or outcomes.server_lost(why, child.job)
@@ -208,6 +213,9 @@ class ServerCare:
             child.exited(SERVER_LOST)
 
     def _forget_spawner(self, spawner: Spawner) -> None:
+        # Its children still exiting after their report die with it, unheard.
+        for child in [c for c in self.lingering.values() if c.spawner is spawner]:
+            self._forget_lingering(child)
         fd = spawner.fileno()
         if fd is not None:
             self._unregister(fd)
@@ -232,6 +240,7 @@ class ServerCare:
 
     def _retire_idle_spawners(self) -> None:
         in_use = {child.spawner for child in self.children.values()}
+        in_use.update(child.spawner for child in self.lingering.values())
         for spawner in list(self._spawner_masks):
             if spawner is not self.spawner and spawner not in in_use:
                 self._forget_spawner(spawner)

@@ -108,6 +108,13 @@ SETTINGS = (
         "elsewhere it does nothing.",
     ),
     Setting(
+        "forkguard_warm_up", True, parse_bool, ("FORKGUARD_WARM_UP",),
+        "Before the first fork, run Celery's tracer on an internal no-op task and "
+        "resolve a numeric address, so every child shares that code and the C "
+        "library's resolver set-up already warm instead of copying pages to warm "
+        "them itself.",
+    ),
+    Setting(
         "forkguard_fork_server_timeout", 10.0, parse_interval,
         ("FORKGUARD_FORK_SERVER_TIMEOUT",),
         "Seconds the fork server may leave a request for a child unanswered (or a "
@@ -163,6 +170,7 @@ class ForkguardSettings:
     fork_server: bool = True
     fork_server_timeout: float = 10.0
     immortalize: bool = False
+    warm_up: bool = True
     retire_timeout: float = 300.0
     ready_timeout: float = 120.0
     liveness_file: str = ""

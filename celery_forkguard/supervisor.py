@@ -29,7 +29,7 @@ from celery_forkguard.kills import Kills
 from celery_forkguard.lifecycle import Child
 from celery_forkguard.metrics import PoolMetrics, kill_reason
 from celery_forkguard.oom import OomWatch
-from celery_forkguard.servers import ServerCare
+from celery_forkguard.servers import ServerCare, is_zombie
 from celery_forkguard.spawning import EXITED, STARTED, Event, Spawner
 from celery_forkguard.timers import Timer, TimerHeap
 
@@ -46,6 +46,10 @@ SPAWN_TIMEOUT = 10.0
 FORK_RETRY_FIRST, FORK_RETRY_MAX = 0.1, 5.0
 #: How often a fork shortage is logged again while it lasts.
 FORK_SHORTAGE_LOG_EVERY = 30.0
+#: How long a child settled on its report may take to exit (its
+#: worker_process_shutdown handlers) before it is killed, and how long its
+#: exit may then go unheard before it is forgotten.
+EXIT_GRACE = 10.0
 
 
 class Supervisor(Kills, ServerCare):
@@ -69,6 +73,8 @@ class Supervisor(Kills, ServerCare):
         self.spawn_timeout = spawn_timeout
         #: Slot occupants by request token, from request to settlement.
         self.children: dict[int, Child] = {}
+        #: Children settled on their report whose exit is not known yet.
+        self.lingering: dict[tuple[int, int], Child] = {}
         self._by_pid: dict[tuple[int, int], Child] = {}
         self.pending: deque[Job] = deque()
         self.on_job_done = on_job_done or (lambda job: None)
@@ -97,7 +103,7 @@ class Supervisor(Kills, ServerCare):
         return int(self.selector.fileno())  # type: ignore[attr-defined]
 
     def busy(self) -> bool:
-        return bool(self.children or self.pending)
+        return bool(self.children or self.pending or self.lingering)
 
     def running(self) -> list[Child]:
         """Children that have a process (forked, not yet settled); safe from any thread."""
@@ -174,6 +180,7 @@ class Supervisor(Kills, ServerCare):
                     if child.ready_to_settle():
                         self._settle(child)
                 self._fill_slots()
+            self._retire_idle_spawners()
         finally:
             self._advancing = False
 
@@ -229,6 +236,8 @@ class Supervisor(Kills, ServerCare):
                 self._early_exits[key] = event
             else:
                 child.exited(event.b, event.cpu, event.maxrss_kib)
+                if child.settled:
+                    self._exited_after_settling(child)
 
     # -- acting (Celery's callbacks run here) -----------------------------------------------
 
@@ -249,10 +258,11 @@ class Supervisor(Kills, ServerCare):
 
     def _settle(self, child: Child) -> None:
         """The child is gone: decode its report and give the job its outcome."""
-        if not child.report_eof:
+        if not child.report_eof and not child.report_whole:
             self._on_report_io(child)  # the rest of what it wrote, if any
         self._release(child)
-        self.metrics.child_exited(child.cpu, child.maxrss_kib)
+        if child.exit_code is not None:
+            self.metrics.child_exited(child.cpu, child.maxrss_kib)
         job = child.job
         if not child.accepted:
             # Its server was lost before saying it forked: a task that may have
@@ -262,7 +272,6 @@ class Supervisor(Kills, ServerCare):
         if not job.finished:
             self._record_outcome(child)
         self.on_job_done(job)
-        self._retire_idle_spawners()
 
     def _record_outcome(self, child: Child) -> None:
         report = protocol.decode_report(bytes(child.report))
@@ -289,15 +298,75 @@ class Supervisor(Kills, ServerCare):
             job.fail(outcomes.worker_lost(child.exit_code or 0, job))
 
     def _release(self, child: Child) -> None:
+        """Free the child's slot; one still exiting lingers until its exit is heard."""
         child.settled = True
         del self.children[child.token]
-        if child.pid is not None:
-            self._by_pid.pop((id(child.spawner), child.pid), None)
-            intents.shared().clear(child.pid)
         for timer in child.timers:
             timer.cancel()
+        child.timers = []
         self._unregister(child.report_fd)
         os.close(child.report_fd)
+        if child.lingering():
+            self._linger(child)
+        elif child.pid is not None:
+            self._by_pid.pop((id(child.spawner), child.pid), None)
+            intents.shared().clear(child.pid)
+
+    # -- children settled on their report, still exiting --------------------------------
+
+    def _linger(self, child: Child) -> None:
+        # Its pipe is closed now: its report's end stands for the pipe's EOF
+        # (the watchdog looks for a zombie the server does not reap from then).
+        if child.eof_at is None:
+            child.eof_at = self.clock()
+        self.lingering[(id(child.spawner), child.pid or 0)] = child
+        child.timers.append(self.timers.call_later(EXIT_GRACE, self._kill_lingering, child))
+
+    def _exited_after_settling(self, child: Child) -> None:
+        self._forget_lingering(child)
+        self.metrics.child_exited(child.cpu, child.maxrss_kib)
+        if child.exit_code:
+            logger.warning(
+                "forkguard: the process of %s[%s] (pid %s) exited with %s after it reported "
+                "its task's outcome (a worker_process_shutdown handler?); the outcome stands",
+                child.job.task_name, child.job.task_id, child.pid, _exit_text(child.exit_code),
+            )
+        self._again = True  # a retired fork server may be idle now
+
+    def _kill_lingering(self, child: Child) -> None:
+        if not child.lingering():
+            return
+        logger.warning(
+            "forkguard: the process of %s[%s] (pid %s) reported its task's outcome %gs ago "
+            "but has not exited (a worker_process_shutdown handler?); killing it",
+            child.job.task_name, child.job.task_id, child.pid, EXIT_GRACE,
+        )
+        child.spawner.kill(child.pid, signal.SIGKILL, group=True)
+        child.timers.append(self.timers.call_later(EXIT_GRACE, self._give_up_lingering, child))
+
+    def _give_up_lingering(self, child: Child) -> None:
+        if not child.lingering():
+            return
+        if child.spawner.pid and is_zombie(child.pid or 0) and child.spawner in self._spawner_masks:
+            self._spawner_lost(child.spawner, f"did not report the exit of pid {child.pid}")
+            return
+        logger.warning("forkguard: no exit heard from pid %s after SIGKILL; forgetting it",
+                       child.pid)
+        self._forget_lingering(child)
+
+    def _forget_lingering(self, child: Child) -> None:
+        self.lingering.pop((id(child.spawner), child.pid or 0), None)
+        self._by_pid.pop((id(child.spawner), child.pid or 0), None)
+        for timer in child.timers:
+            timer.cancel()
+        child.timers = []
+        if child.pid is not None:
+            intents.shared().clear(child.pid)
+
+    def kill_lingering(self) -> None:
+        """Cold shutdown: children still exiting after their report are killed too."""
+        for child in list(self.lingering.values()):
+            child.spawner.kill(child.pid or 0, signal.SIGKILL, group=True)
 
     def _finish_unstarted(self, job: Job, error: BaseException) -> None:
         job.fail(error)
@@ -420,3 +489,12 @@ class Supervisor(Kills, ServerCare):
             spawner.reap_server(block=True)
         self.selector.close()
 
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"

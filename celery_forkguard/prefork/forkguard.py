@@ -14,7 +14,7 @@ from typing import Any, Callable
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
-from celery_forkguard import immortal, intents, prometheus, stopping
+from celery_forkguard import immortal, intents, prometheus, stopping, warmup
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
@@ -67,7 +67,7 @@ class TaskPool(BasePool):
         self.soft_timeout = self.options.get("soft_timeout")
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
-        prepare_master(self.app, self.hostname)
+        prepare_master(self.app, self.hostname, self.settings.warm_up)
         ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
                            immortalize=self._immortalize())
         self._supervisor = Supervisor(
@@ -121,6 +121,7 @@ class TaskPool(BasePool):
             self.stop_running(stopping.cold_shutdown, again=True)
             # Jobs never started were never acked: the broker redelivers them.
             self._driver.call(self._supervisor.withdraw_queued)
+            self._driver.call(self._supervisor.kill_lingering)
             if not self._driver.drain():
                 return  # from a signal handler inside the pool: see on_stop
         self._close()
@@ -313,18 +314,24 @@ class TaskPool(BasePool):
         return info
 
 
-def prepare_master(app: Any, hostname: str) -> None:
+def prepare_master(app: Any, hostname: str, warm_up: bool = True) -> None:
     """Do once, in the master, what prefork does in every child.
 
     Tracers are built here so each child inherits them instead of building
-    them per task; the heap is frozen so the master's collector leaves the
-    preloaded app's pages alone; the intents page is mapped before any fork.
+    them per task, and (*warm_up*) run once with the C library's resolver,
+    so children share that code warm (warmup.py); the heap is frozen so the
+    master's collector leaves the preloaded app's pages alone; the intents
+    page is mapped before any fork.
     """
     from celery.app.trace import build_tracer
 
     for name, task in app.tasks.items():
         task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
     intents.shared()
+    if warm_up:
+        warmup.warm_up_resolver()
+        if not warmup.warm_up(app, hostname):
+            logger.debug("forkguard: the tracer warm-up did not run; children trace cold")
     # We fork knowingly from a process that may run threads (Celery's timer,
     # our supervisor); the child runs no other thread's code.
     warnings.filterwarnings(

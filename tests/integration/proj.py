@@ -132,6 +132,8 @@ evidence = Evidence(
 STATE: dict[str, int] = {"calls": 0}
 #: Set by worker_process_init to the pid of the process it ran in.
 INIT_PID = 0
+#: Set by the linger task: (task id, seconds) for the child's shutdown handler.
+LINGER: tuple[str, float] | None = None
 
 
 # -- signal handlers (they run where Celery runs them: mostly in the child) ----------
@@ -141,6 +143,16 @@ INIT_PID = 0
 def _remember_init(**_: Any) -> None:
     global INIT_PID
     INIT_PID = os.getpid()
+
+
+@signals.worker_process_shutdown.connect
+def _linger_at_exit(**_: Any) -> None:
+    """After a linger task: stay in the child's shutdown handler a while, saying so."""
+    if LINGER is not None:
+        task_id, seconds = LINGER
+        evidence.record(task_id, shutdown_started=time.time())
+        time.sleep(seconds)
+        evidence.record(task_id, shutdown_finished=time.time())
 
 
 @signals.task_success.connect
@@ -238,6 +250,15 @@ def sleeper(self: Task, seconds: float) -> str:
     time.sleep(seconds)
     evidence.record(self.request.id, finished=time.time())
     return f"slept {seconds}"
+
+
+@app.task(bind=True, name=task_name("linger"))
+def linger(self: Task, seconds: float) -> int:
+    """Return at once; the child then spends *seconds* in worker_process_shutdown."""
+    global LINGER
+    LINGER = (self.request.id, seconds)
+    evidence.record(self.request.id, pid=os.getpid())
+    return os.getpid()
 
 
 def _sleep_through_soft_limits(task: Task, seconds: float) -> str:

@@ -305,3 +305,26 @@ def test_failures_the_pool_records_name_the_error_in_events(worker: Worker) -> N
     assert failed["exception"].startswith("WorkerLostError('Worker exited prematurely: "
                                           "signal 11 (SIGSEGV)"), failed
     assert "WorkerLostError: Worker exited prematurely: signal 11" in failed["traceback"]
+
+
+# -- settle on report ---------------------------------------------------------------------
+
+
+def test_the_outcome_and_the_slot_do_not_wait_for_the_child_to_exit(
+    start_worker: WorkerFactory, evidence: proj.Evidence,
+) -> None:
+    worker = start_worker(concurrency=1)
+    lingering = worker.send("linger", 4)
+    assert outcome(lingering) == ("SUCCESS", started_pid(evidence, lingering.id))
+    pid = int(evidence.fields(lingering.id)["pid"])
+    wait_for(lambda: evidence.fields(lingering.id).get("shutdown_started"),
+             message="the child to enter its shutdown handler")
+    # One slot, still held by nothing: the next task runs while the first
+    # child is in its worker_process_shutdown handler.
+    assert outcome(worker.send("add", 2, 3)) == ("SUCCESS", 5)
+    assert pid_alive(pid)
+    assert "shutdown_finished" not in evidence.fields(lingering.id)
+    # The handler is let finish: the child exits on its own, nothing is killed.
+    wait_for(lambda: not pid_alive(pid), timeout=15, message=f"child {pid} to exit")
+    assert "shutdown_finished" in evidence.fields(lingering.id)
+    assert "has not exited" not in worker.log()

@@ -19,7 +19,7 @@ from billiard.exceptions import Terminated, WorkerLostError
 
 from celery_forkguard import intents, protocol, servers
 from celery_forkguard.lifecycle import State
-from tests.unit.fakes import FakeChild, FakeClock, FakeForker, Harness, Probe
+from tests.unit.fakes import FakeChild, FakeClock, FakeForker, Harness, Kill, Probe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -248,6 +248,28 @@ def test_requests_a_stuck_server_never_forked_go_to_the_next_server(
     assert "did not answer" in str(running.error())
 
 
+def test_a_child_still_exiting_after_its_report_does_not_make_requests_lost(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(limit=1)
+    done, requested = Probe("done"), Probe("requested")
+    harness.submit(done, requested)
+    finished = harness.child(done)
+    finished.start()
+    finished.report(*OK)
+    harness.poll()  # settled on its report: the slot goes to the next request
+    old = harness.forker
+    old.real_children = {finished.pid}  # the server's only child is the exiting one
+    harness.advance(10.0)
+    assert old.server_killed
+    assert Kill(finished.pid, signal.SIGKILL, True) in old.kills  # it dies with its server
+    assert harness.child(requested).forker is harness.forkers[-1]  # asked again
+    harness.child(requested).start()
+    harness.finish(requested, 0, report=OK)
+    assert done.successes == [OK[1]] and requested.successes == [OK[1]]
+    assert not harness.supervisor.busy()
+
+
 def test_a_child_the_stuck_server_did_not_announce_makes_its_requests_lost(
     make: Callable[..., Harness],
 ) -> None:
@@ -329,6 +351,24 @@ def test_pool_restart_forks_new_tasks_from_a_new_server_at_once(
     assert old.closed
     harness.finish(new_task, 0, report=OK)
     assert new_task.successes == [OK[1]]
+
+
+def test_a_retired_server_stays_until_its_last_child_has_exited(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(limit=2, auto_start=True)
+    old_task = Probe("old")
+    harness.submit(old_task)
+    old = harness.forker
+    harness.supervisor.restart_spawner()
+    child = harness.child(old_task)
+    child.report(*OK)
+    harness.poll()
+    assert old_task.successes == [OK[1]]
+    assert not old.closed  # its child is still exiting: it must not die with the server
+    child.exit(0)
+    harness.poll()
+    assert old.closed
 
 
 # -- sustained load ---------------------------------------------------------------------

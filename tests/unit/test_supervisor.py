@@ -15,7 +15,8 @@ from billiard.exceptions import Terminated, WorkerLostError
 
 from celery_forkguard import intents, protocol
 from celery_forkguard.jobs import exception_info
-from celery_forkguard.supervisor import FORK_RETRY_FIRST, FORK_RETRY_MAX
+from celery_forkguard.spawning import EXITED, Event
+from celery_forkguard.supervisor import EXIT_GRACE, FORK_RETRY_FIRST, FORK_RETRY_MAX
 from tests.unit.fakes import FakeClock, FakeForker, Harness, Kill, Probe
 
 pytestmark = pytest.mark.timeout(10)
@@ -79,17 +80,114 @@ def test_accept_callback_gets_the_child_pid_and_the_fake_time(harness: Harness) 
     assert probe.job.pid == harness.child(probe).pid
 
 
-def test_nothing_is_settled_before_the_child_exits(harness: Harness) -> None:
+def test_a_whole_report_settles_the_task_and_frees_the_slot_before_the_exit(
+    make_harness: MakeHarness,
+) -> None:
+    harness = make_harness(limit=1)
+    first, second = probes(2)
+    harness.submit(first, second)
+    harness.child(first).report(*OK)
+    harness.poll()
+    # Settled on its report: Celery has the outcome, the next task has the slot.
+    assert first.successes == [OK[1]] and harness.done == [first.job]
+    assert harness.running_jobs() == [second.job]
+    assert harness.supervisor.busy()
+    assert harness.supervisor.metrics.child_cpu.count == 0  # its exit is not known yet
+
+    child = harness.child(first)
+    child.close_report()
+    harness.forker.send(Event(EXITED, child.pid, 0, 0.004, 2048))
+    harness.poll()
+    assert not harness.supervisor.lingering
+    assert harness.supervisor.metrics.child_cpu.count == 1
+    assert first.successes == [OK[1]] and harness.done == [first.job]  # nothing twice
+    harness.finish(second, report=OK)
+    assert not harness.supervisor.busy()
+
+
+def test_a_report_still_arriving_holds_the_slot(make_harness: MakeHarness) -> None:
+    harness = make_harness(limit=1)
+    first, second = probes(2)
+    harness.submit(first, second)
+    data = protocol.encode_report(*OK)
+    harness.child(first).write(data[:-1])
+    harness.poll()
+    assert first.outcomes == 0 and harness.running_jobs() == [first.job]
+    harness.child(first).write(data[-1:])
+    harness.poll()
+    assert first.successes == [OK[1]] and harness.running_jobs() == [second.job]
+
+
+def test_a_report_read_before_the_start_waits_for_it(make_harness: MakeHarness) -> None:
+    harness = make_harness(limit=1)
+    harness.forker.auto_start = False
     (probe,) = probes(1)
     harness.submit(probe)
     harness.child(probe).report(*OK)
     harness.poll()
-    assert probe.outcomes == 0 and harness.done == []
-
-    harness.child(probe).exit(0)
+    assert probe.accepted == [] and probe.outcomes == 0  # started before ended, always
+    harness.child(probe).start()
     harness.poll()
+    assert probe.accepted == [(harness.child(probe).pid, harness.clock())]
     assert probe.successes == [OK[1]]
-    assert harness.done == [probe.job]
+
+
+def test_a_crash_after_the_report_keeps_the_outcome_and_says_so(
+    harness: Harness, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (probe,) = probes(1)
+    harness.submit(probe)
+    harness.child(probe).report(*OK)
+    harness.poll()
+    harness.child(probe).exit(-signal.SIGSEGV)
+    harness.poll()
+    assert probe.successes == [OK[1]] and probe.errors == []
+    assert "exited with SIGSEGV after it reported" in caplog.text
+    assert not harness.supervisor.busy()
+
+
+def test_a_child_that_does_not_exit_after_its_report_is_killed_then_forgotten(
+    harness: Harness, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (probe,) = probes(1)
+    harness.submit(probe)
+    child = harness.child(probe)
+    child.report(*OK)
+    harness.poll()
+    harness.advance(EXIT_GRACE - 0.1)
+    assert harness.forker.kills == []
+    harness.advance(0.1)
+    assert harness.forker.kills == [Kill(child.pid, signal.SIGKILL, True)]
+    assert "has not exited" in caplog.text
+    assert harness.supervisor.busy()  # a warm shutdown still waits for it
+    harness.advance(EXIT_GRACE)
+    assert not harness.supervisor.busy()
+    assert probe.successes == [OK[1]] and harness.done == [probe.job]
+
+
+def test_cold_shutdown_kills_children_still_exiting(harness: Harness) -> None:
+    (probe,) = probes(1)
+    harness.submit(probe)
+    child = harness.child(probe)
+    child.report(*OK)
+    harness.poll()
+    harness.supervisor.kill_lingering()
+    assert harness.forker.kills == [Kill(child.pid, signal.SIGKILL, True)]
+    child.exit(-signal.SIGKILL)
+    harness.poll()
+    assert probe.successes == [OK[1]] and not harness.supervisor.busy()
+
+
+def test_no_signal_reaches_a_child_once_its_task_has_ended(harness: Harness) -> None:
+    (probe,) = probes(1)
+    harness.submit(probe)
+    child = harness.child(probe)
+    child.report(*OK)
+    harness.poll()
+    harness.supervisor.terminate_job(child.pid, signal.SIGTERM)
+    assert harness.supervisor.running() == []
+    assert harness.forker.kills == []
+    assert probe.successes == [OK[1]]
 
 
 # -- reports -------------------------------------------------------------------
