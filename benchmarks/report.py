@@ -155,7 +155,7 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
             _table(f"[{name}] {kind} tasks, pre-queued; rate = (N-1)/(last - first completion); "
                    f"median (min-max) of {args.rounds} round(s); the fork floor in forks/s; "
                    "x floor: same number of slots", rows, [
-                       ("contender", "contender", 15, -1), ("slots", "slots", 6, 0),
+                       ("contender", "contender", 18, -1), ("slots", "slots", 6, 0),
                        ("tasks", "tasks", 7, 0), ("tasks/s", "rate", 9, 1),
                        ("min", "rate_min", 8, 1), ("max", "rate_max", 8, 1),
                        ("x prefork", "x_prefork", 10, 2), (third[0], third[1], 8, 2),
@@ -165,7 +165,7 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
                        "(master: the worker; helper: forkguard's fork server or rq "
                        "worker-pool's workers; task procs: the processes that run the tasks, "
                        "reaped ones included)", rows, [
-                           ("contender", "contender", 15, -1),
+                           ("contender", "contender", 18, -1),
                            ("master CPU", "master_cpu_ms", 11, 2),
                            ("helper CPU", "helper_cpu_ms", 11, 2),
                            ("task procs CPU", "task_cpu_ms", 15, 2),
@@ -178,7 +178,7 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
                 if floor:
                     _table(f"[{name}] the fork floor: forks/s of a loaded worker "
                            "(the forking process's RSS; forkguard's fork server's for comparison)",
-                           floor, [("contender", "contender", 15, -1), ("slots", "slots", 6, 0),
+                           floor, [("contender", "contender", 18, -1), ("slots", "slots", 6, 0),
                                    ("forks/s", "rate", 9, 1), ("min", "rate_min", 8, 1),
                                    ("max", "rate_max", 8, 1),
                                    ("parent CPU ms", "master_cpu_ms", 14, 3),
@@ -196,7 +196,7 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
             _table(f"[{name}] app preloading {args.preload_mb:g} MiB of objects, each task "
                    f"reads {args.touch_share:.0%} of them; whole worker tree sampled every "
                    "100 ms", rows, [
-                       ("contender", "contender", 15, -1), ("tasks", "tasks", 7, 0),
+                       ("contender", "contender", 18, -1), ("tasks", "tasks", 7, 0),
                        ("peak PSS MiB", "peak_pss_mib", 13, 1),
                        ("peak RSS MiB", "peak_rss_mib", 13, 1),
                        ("end PSS MiB", "end_pss_mib", 12, 1),
@@ -205,7 +205,7 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
         elif workload.kind == "leak":
             _table(f"[{name}] each task leaks {args.leak_mb:g} MiB; the worker tree once "
                    "all ran", rows, [
-                       ("contender", "contender", 15, -1), ("tasks", "tasks", 7, 0),
+                       ("contender", "contender", 18, -1), ("tasks", "tasks", 7, 0),
                        ("end RSS MiB", "end_rss_mib", 12, 1),
                        ("end PSS MiB", "end_pss_mib", 12, 1),
                        ("peak PSS MiB", "peak_pss_mib", 13, 1),
@@ -216,14 +216,14 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
                     row["note"] = "saturated"
             _table(f"[{name}] publish-to-start latency, one task every {args.spacing_ms:g} ms "
                    "to a ready worker (ready: from Popen to a first task done)", rows, [
-                       ("contender", "contender", 15, -1), ("tasks", "n", 7, 0),
+                       ("contender", "contender", 18, -1), ("tasks", "n", 7, 0),
                        ("p50 ms", "p50_ms", 9, 2), ("p99 ms", "p99_ms", 9, 2),
                        ("max ms", "max_ms", 9, 2), ("x prefork p50", "x_prefork_p50", 14, 2),
                        ("ready s", "startup_s", 8, 2), ("", "note", 11, -1)])
         elif workload.kind == "usr1":
             _table(f"[{name}] SIGUSR1 to the worker while a task runs: ms until the "
                    "child has exited, and until it is reaped (gone from /proc)", rows, [
-                       ("contender", "contender", 15, -1), ("kills", "n", 7, 0),
+                       ("contender", "contender", 18, -1), ("kills", "n", 7, 0),
                        ("exited p50", "exited_p50_ms", 11, 2),
                        ("exited p99", "exited_p99_ms", 11, 2),
                        ("gone p50", "p50_ms", 9, 2), ("gone p99", "p99_ms", 9, 2),
@@ -279,6 +279,18 @@ def targets(summary: Summary) -> list[Row]:
                 "met": None if p99 is None else p99 <= 100})
     ratio("publish-to-start p50: forkguard / prefork", _get(summary, "latency", fg, "p50_ms"),
           _get(summary, "latency", "prefork", "p50_ms"), 2, at_least=False)
+    # The same targets with children forked ahead (forkguard_standby_children = 2).
+    sb = "forkguard-standby"
+    ratio("trivial: forkguard with standby children / prefork",
+          _get(summary, "trivial", sb, "rate"), _get(summary, "trivial", "prefork", "rate"),
+          TRIVIAL_TARGET)
+    ratio("10 ms: forkguard with standby children / prefork", _get(summary, "10ms", sb, "rate"),
+          _get(summary, "10ms", "prefork", "rate"), 0.75)
+    ratio("100 ms: forkguard with standby children / prefork",
+          _get(summary, "100ms", sb, "rate"), _get(summary, "100ms", "prefork", "rate"), 0.95)
+    ratio("publish-to-start p50: forkguard with standby children / prefork",
+          _get(summary, "latency", sb, "p50_ms"), _get(summary, "latency", "prefork", "p50_ms"),
+          2, at_least=False)
     return out
 
 
@@ -389,12 +401,14 @@ def publish(charts: list[Path], results: Path, target: Path) -> None:
 # -- charts ---------------------------------------------------------------------------------
 
 
-LABELS = {"forkguard": "forkguard -c 2", "fork-floor": "fork floor, 2 at a time",
+LABELS = {"forkguard": "forkguard -c 2", "forkguard-standby": "forkguard -c 2, 2 standby",
+          "fork-floor": "fork floor, 2 at a time",
           "fork-floor-1": "fork floor, 1 at a time", "prefork": "prefork -c 2",
           "prefork-mtpc1": "prefork -c 2, 1 task/child", "solo": "solo (1 slot)",
           "threads": "threads -c 2", "rq-worker": "rq worker (1 slot)",
           "rq-pool": "rq worker-pool -n 2"}
-COLOURS = {"forkguard": "#d62728", "fork-floor": "#7f7f7f", "fork-floor-1": "#c7c7c7",
+COLOURS = {"forkguard": "#d62728", "forkguard-standby": "#ff9896", "fork-floor": "#7f7f7f",
+           "fork-floor-1": "#c7c7c7",
            "prefork": "#1f77b4", "prefork-mtpc1": "#aec7e8", "solo": "#2ca02c",
            "threads": "#98df8a", "rq-worker": "#9467bd", "rq-pool": "#c5b0d5"}
 

@@ -65,11 +65,16 @@ class Contender:
     stop_grace: float = procs.STOP_DEADLINE
     #: At most this many tasks in the workloads that do not scale (latency).
     cap: Optional[int] = None
+    #: Settings of the worker's, as environment variables.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     Contender("forkguard", "celery", "forkserver", 2, "forkguard",
               describe="celery worker -P forkguard -c 2"),
+    Contender("forkguard-standby", "celery", "forkserver", 2, "forkguard",
+              env=(("FORKGUARD_STANDBY_CHILDREN", "2"),),
+              describe="celery worker -P forkguard -c 2 with forkguard_standby_children = 2"),
     Contender("fork-floor", "floor", "fork", 2, "forkguard", scale=0.5,
               describe="os.fork() + os._exit(0) + wait() in a loaded forkguard worker, "
                        "1 and 2 at a time"),
@@ -108,10 +113,10 @@ class Workload:
     scaled: bool = True
 
 
-THROUGHPUT_CONTENDERS = ("forkguard", "prefork", "prefork-mtpc1", "threads",
-                         "rq-worker", "rq-pool")
-OTHER_CONTENDERS = ("forkguard", "prefork", "prefork-mtpc1", "solo", "threads",
-                    "rq-worker", "rq-pool")
+THROUGHPUT_CONTENDERS = ("forkguard", "forkguard-standby", "prefork", "prefork-mtpc1",
+                         "threads", "rq-worker", "rq-pool")
+OTHER_CONTENDERS = ("forkguard", "forkguard-standby", "prefork", "prefork-mtpc1", "solo",
+                    "threads", "rq-worker", "rq-pool")
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("trivial", "throughput", 800, tuple(CONTENDERS),
              describe="count and return: the pools' own cost per task"),
@@ -210,7 +215,8 @@ def worker_command(contender: Contender, queue: str, args: argparse.Namespace) -
 def start_worker(ctx: Context, contender: Contender, queue: str,
                  env: Optional[dict[str, str]] = None) -> tuple[subprocess.Popen[bytes], Path]:
     log = RESULTS / "logs" / f"{queue}.log"
-    proc = procs.start(worker_command(contender, queue, ctx.args), REPO, env or ctx.env, log,
+    env = {**(env or ctx.env), **dict(contender.env)}
+    proc = procs.start(worker_command(contender, queue, ctx.args), REPO, env, log,
                        contender.stop_grace)
     return proc, log
 

@@ -12,11 +12,13 @@ import contextlib
 import gc
 import logging
 import os
+import pickle
 import signal
+import socket
 import stat
 import sys
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from billiard import process as billiard_process
 from billiard import util as billiard_util
@@ -24,7 +26,7 @@ from celery import signals
 from celery._state import _set_task_join_will_block
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_forkguard import fasthooks, intents, protocol, titles
+from celery_forkguard import fasthooks, intents, protocol, standby, titles
 from celery_forkguard.exceptions import TermException, TermRequeue
 from celery_forkguard.jobs import exception_info
 from celery_forkguard.outcomes import (
@@ -46,10 +48,12 @@ class ChildContext:
     """What every child is handed: fixed once per pool."""
 
     def __init__(self, hostname: str, parent_pid: int, term_child: bool = False,
-                 immortalize: bool = False) -> None:
+                 immortalize: bool = False, standby_children: int = 0) -> None:
         self.hostname = hostname
         #: Whether the fork server makes its heap immortal (immortal.py).
         self.immortalize = immortalize
+        #: How many children the fork server keeps forked ahead (standby.py).
+        self.standby_children = standby_children
         #: With term_child the worker decides when a task gets TERM: a TERM it
         #: did not send (Heroku signals every process of a dyno) is ignored.
         self.term_child = term_child
@@ -61,7 +65,7 @@ def child_main(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> 
     """Run *job* in this freshly forked child and leave through ``os._exit``."""
     code = EXIT_CRASHED
     try:
-        code = _run(ctx, job, report_fd, saved_mask)
+        code = _run(job, report_fd, lambda: prepare_child(ctx, job, report_fd, saved_mask))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
     except BaseException:
@@ -70,9 +74,32 @@ def child_main(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> 
         _leave(ctx, code)
 
 
-def _run(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> int:
+def standby_main(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
+    """Set up now, wait for a job on *sock* (standby.py), run it, leave via ``os._exit``."""
+    code = EXIT_CRASHED
     try:
-        prepare_child(ctx, job, report_fd, saved_mask)
+        prepare_process(ctx, {sock.fileno()}, saved_mask)
+        titles.set_title(f"celery forkguard: standby ({ctx.hostname})")
+        signals.worker_process_init.send(sender=ctx.hostname)
+        handed = standby.receive_job(sock)
+        sock.close()
+        if handed is None:  # the fork server closed: no task for this one
+            code = EXIT_OK
+        else:
+            payload, report_fd = handed
+            job = pickle.loads(payload)
+            code = _run(job, report_fd, lambda: prepare_for_job(ctx, job, report_fd))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
+    except BaseException:
+        _print_exception()
+    finally:
+        _leave(ctx, code)
+
+
+def _run(job: Job, report_fd: int, prepare: Callable[[], None]) -> int:
+    try:
+        prepare()
     except Exception as exc:
         _report(report_fd, protocol.ERROR, exception_info(exc))
         return EXIT_SETUP_FAILED
@@ -94,6 +121,13 @@ def _run(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> int:
 
 def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> None:
     """Make this process a clean, independent home for one task."""
+    prepare_process(ctx, {report_fd}, saved_mask)
+    prepare_for_job(ctx, job, report_fd)
+    signals.worker_process_init.send(sender=ctx.hostname)
+
+
+def prepare_process(ctx: ChildContext, keep_fds: set[int], saved_mask: Any) -> None:
+    """What every child needs before any task: its own group, signals, fds, connections."""
     # Objects inherited from the master are never collected here: freezing
     # them keeps the collector from writing to (and so copying) their pages.
     gc.freeze()
@@ -103,16 +137,19 @@ def prepare_child(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) 
     install_child_signals()
     fasthooks.restore_signal_mask(saved_mask)
     _die_with_parent(ctx)
-    detach_inherited_fds(keep={report_fd})
-    os.set_blocking(report_fd, True)  # a report larger than the pipe waits for the worker
+    detach_inherited_fds(keep=keep_fds)
     # A task writes no other child's intent (a stray write faults here instead).
     intents.shared().make_read_only()
-    name_process(job.slot)
     # kombu, Celery and the result backends drop inherited connections here.
     billiard_util._run_after_forkers()
     _set_task_join_will_block(True)
+
+
+def prepare_for_job(ctx: ChildContext, job: Job, report_fd: int) -> None:
+    """What depends on the task: its report pipe, its slot's name, its title."""
+    os.set_blocking(report_fd, True)  # a report larger than the pipe waits for the worker
+    name_process(job.slot)
     titles.set_child_title(ctx.hostname, job)
-    signals.worker_process_init.send(sender=ctx.hostname)
 
 
 def name_process(slot: int) -> None:

@@ -22,12 +22,13 @@ Protocol over one UNIX stream socket, both ways asynchronous:
 
 The server ignores the signals operators send to the worker's process
 group, dies with the worker (PR_SET_PDEATHSIG), and exits when the socket
-closes.  Children die with the server in the same way.
+closes.  Children die with the server in the same way.  With standby
+children (standby.py) a request goes to a child forked ahead when one
+waits, and is forked as above when none does.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import gc
 import os
@@ -40,7 +41,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from celery_forkguard import fasthooks, immortal
+from celery_forkguard.fdpass import recv_with_fds
 from celery_forkguard.forking import fork_with_signals_blocked, reaped_children
+from celery_forkguard.standby import Standbys
 
 if TYPE_CHECKING:
     from celery_forkguard.child import ChildContext
@@ -49,15 +52,11 @@ REQUEST = struct.Struct("!II")  # token, payload length
 EVENT = struct.Struct("!ciiQQ")  # kind, a, b, CPU µs, peak RSS KiB (EXITED)
 STARTED, EXITED = b"S", b"X"
 RECV_SIZE = 1 << 16
-#: Report fds a single read may carry (Linux hands over one message's worth).
-MAX_FDS = 16
-# Received fds must not leak into what a task execs.
-RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
     """The fork server's loop: fork on request, reap, report; never returns."""
-    from celery_forkguard.child import child_main, detach_inherited_fds
+    from celery_forkguard.child import child_main, detach_inherited_fds, standby_main
     from celery_forkguard.titles import set_title
 
     # Nothing here creates garbage worth collecting; a collection would copy pages.
@@ -75,7 +74,8 @@ def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
     detach_inherited_fds(keep={sock.fileno(), wake_r, wake_w})
     ctx.parent_pid = os.getpid()
     set_title(f"celery forkguard: fork server ({ctx.hostname})")
-    server = _Server(ctx, sock, child_main)
+    server = _Server(ctx, sock, child_main, standby_main)
+    server.standbys.top_up()
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
@@ -86,23 +86,29 @@ def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
                 server.reap_children()
             elif not server.serve_requests():
                 server.reap_children()
+                server.standbys.dismiss(wake_r)
                 os._exit(0)
+        server.standbys.top_up()
 
 
 class _Server:
     """Reads requests as they come (whole or in pieces) and forks one child each."""
 
-    def __init__(self, ctx: ChildContext, sock: socket.socket, child_main: Callable) -> None:
+    def __init__(self, ctx: ChildContext, sock: socket.socket, child_main: Callable,
+                 standby_main: Callable | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.child_main = child_main
+        self.standby_main = standby_main
         self.inbox = bytearray()
         self.fds: deque[int] = deque()
+        target = ctx.standby_children if standby_main is not None else 0
+        self.standbys = Standbys(target, self.fork_standby)
 
     def serve_requests(self) -> bool:
         """Fork for every whole request read so far; False once the worker is gone."""
         try:
-            data, fds = _recv_with_fds(self.sock)
+            data, fds = recv_with_fds(self.sock, RECV_SIZE)
         except OSError:
             return False
         if not data:
@@ -119,7 +125,9 @@ class _Server:
             payload = bytes(self.inbox[REQUEST.size:end])
             del self.inbox[:end]
             report_fd = self.fds.popleft()
-            pid = self.fork_child(payload, report_fd)
+            pid = self.standbys.hand_over(payload, report_fd)
+            if pid is None:
+                pid = self.fork_child(payload, report_fd)
             os.close(report_fd)
             self.send(STARTED, token, pid)
         return True
@@ -136,24 +144,29 @@ class _Server:
         gc.enable()
         self.child_main(self.ctx, pickle.loads(payload), report_fd, saved_mask)
 
+    def fork_standby(self, theirs: socket.socket, ours: socket.socket) -> int:
+        """Fork a standby child that waits on *theirs* (raises OSError if refused)."""
+        assert self.standby_main is not None
+        standby_main = self.standby_main
+
+        def run_standby(saved_mask: Any) -> None:
+            self.sock.close()
+            ours.close()
+            gc.enable()
+            standby_main(self.ctx, theirs, saved_mask)
+
+        return fork_with_signals_blocked(run_standby)
+
     def reap_children(self) -> None:
         for reaped in reaped_children():
+            if self.standbys.reaped(reaped.pid):
+                continue  # never handed a task: the worker never heard of it
             self.send(EXITED, reaped.pid, os.waitstatus_to_exitcode(reaped.status),
                       round(reaped.cpu * 1e6), reaped.maxrss_kib)
 
     def send(self, kind: bytes, a: int, b: int, cpu_us: int = 0, maxrss_kib: int = 0) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendall(EVENT.pack(kind, a, b, cpu_us, maxrss_kib))
-
-
-def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """``socket.recv_fds``, but close-on-exec (it drops its flags argument)."""
-    data, ancillary, _, _ = sock.recvmsg(RECV_SIZE, socket.CMSG_LEN(MAX_FDS * 4), RECV_FLAGS)
-    fds = array.array("i")
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
 
 
 def _quiet_signals() -> tuple[int, int]:

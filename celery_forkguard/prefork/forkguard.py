@@ -69,7 +69,8 @@ class TaskPool(BasePool):
         self._semaphore = self.options.get("semaphore")
         prepare_master(self.app, self.hostname, self.settings.warm_up)
         ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
-                           immortalize=self._immortalize())
+                           immortalize=self._immortalize(),
+                           standby_children=self._standby_children())
         self._supervisor = Supervisor(
             partial(self._make_spawner, ctx), self.limit or 1, on_job_done=self._on_job_done,
             spawn_timeout=self.settings.fork_server_timeout,
@@ -88,6 +89,14 @@ class TaskPool(BasePool):
             logger.debug("forkguard: fork server heap stays mortal: %s", reason)
             return False
         return True
+
+    def _standby_children(self) -> int:
+        """How many children the fork server keeps ready (see standby.py)."""
+        if self.settings.standby_children and not self.settings.fork_server:
+            logger.warning("forkguard: forkguard_standby_children needs the fork server "
+                           "(forkguard_fork_server); no child is forked ahead")
+            return 0
+        return self.settings.standby_children
 
     def _make_spawner(self, ctx: ChildContext) -> Spawner:
         if self.settings.fork_server:

@@ -28,11 +28,14 @@ O_CLOEXEC_FDINFO = 0o2000000
 pytestmark = pytest.mark.timeout(90)
 
 
-#: How the worker forks its children (setting forkguard_fork_server): both must be clean.
+#: How the worker forks its children (forkguard_fork_server, forkguard_standby_children):
+#: every way must be clean.
 FORK_MODES = {
     # With an immortal fork-server heap where Python has one (3.12, 3.13).
     "fork-server": {"FORKGUARD_FORK_SERVER": "1", "FORKGUARD_IMMORTALIZE": "1"},
     "in-worker": {"FORKGUARD_FORK_SERVER": "0"},
+    # Children forked ahead of their task and handed it when it comes (standby.py).
+    "standby": {"FORKGUARD_FORK_SERVER": "1", "FORKGUARD_STANDBY_CHILDREN": "2"},
 }
 
 
