@@ -35,7 +35,7 @@ def app() -> Iterator[Celery]:
     app = Celery("warmup-test", broker="memory://", backend="cache+memory://",
                  task_cls=AuditedTask)
 
-    @app.task(name="user.add")
+    @app.task(name="user.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
