@@ -48,7 +48,9 @@ def test_ten_thousand_tasks_stay_flat(open_case) -> None:
     for before, after in ((warm.worker, end.worker), (warm.server, end.server)):
         assert after.fds == before.fds and after.threads == before.threads, (before, after)
         assert after.rss_mb <= before.rss_mb + RSS_TOLERANCE_MB, (before, after)
-    assert mid.children <= CONCURRENCY and end.children == 0, (mid, end)
+    # A child settled on its report may still be exiting while its slot's next
+    # child runs (settle on report): at most one such per slot in a sample.
+    assert mid.children <= 2 * CONCURRENCY and end.children == 0, (mid, end)
     # Mid-run the worker also holds one report pipe per running child.
     assert mid.worker.fds <= warm.worker.fds + CONCURRENCY, (warm, mid)
 
