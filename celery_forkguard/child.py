@@ -63,32 +63,33 @@ class ChildContext:
 
 def child_main(ctx: ChildContext, job: Job, report_fd: int, saved_mask: Any) -> NoReturn:
     """Run *job* in this freshly forked child and leave through ``os._exit``."""
-    code = EXIT_CRASHED
-    try:
-        code = _run(job, report_fd, lambda: prepare_child(ctx, job, report_fd, saved_mask))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
-    except BaseException:
-        _print_exception()
-    finally:
-        _leave(ctx, code)
+    _leave_after(ctx, lambda: _run(
+        job, report_fd, lambda: prepare_child(ctx, job, report_fd, saved_mask)))
 
 
 def standby_main(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
     """Set up now, wait for a job on *sock* (standby.py), run it, leave via ``os._exit``."""
+    _leave_after(ctx, lambda: _serve_as_standby(ctx, sock, saved_mask))
+
+
+def _serve_as_standby(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> int:
+    prepare_process(ctx, {sock.fileno()}, saved_mask)
+    titles.set_title(f"celery forkguard: standby ({ctx.hostname})")
+    signals.worker_process_init.send(sender=ctx.hostname)
+    handed = standby.receive_job(sock)
+    sock.close()
+    if handed is None:  # the fork server closed: no task for this one
+        return EXIT_OK
+    payload, report_fd = handed
+    job = pickle.loads(payload)
+    return _run(job, report_fd, lambda: prepare_for_job(ctx, job, report_fd))
+
+
+def _leave_after(ctx: ChildContext, body: Callable[[], int]) -> NoReturn:
+    """Run *body* for its exit code, then leave through ``os._exit``, whatever happens."""
     code = EXIT_CRASHED
     try:
-        prepare_process(ctx, {sock.fileno()}, saved_mask)
-        titles.set_title(f"celery forkguard: standby ({ctx.hostname})")
-        signals.worker_process_init.send(sender=ctx.hostname)
-        handed = standby.receive_job(sock)
-        sock.close()
-        if handed is None:  # the fork server closed: no task for this one
-            code = EXIT_OK
-        else:
-            payload, report_fd = handed
-            job = pickle.loads(payload)
-            code = _run(job, report_fd, lambda: prepare_for_job(ctx, job, report_fd))
+        code = body()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_CRASHED
     except BaseException:

@@ -180,7 +180,9 @@ class Supervisor(Kills, ServerCare):
                     if child.ready_to_settle():
                         self._settle(child)
                 self._fill_slots()
-            self._retire_idle_spawners()
+            # Only after a pool_restart (or a lost start) is there a server to retire.
+            if any(spawner is not self.spawner for spawner in self._spawner_masks):
+                self._retire_idle_spawners()
         finally:
             self._advancing = False
 
