@@ -275,6 +275,14 @@ def tree_memory(root: int) -> tuple[float, float]:
     return rss / 2**20, pss / 2**20
 
 
+def own_rss(pid: int) -> Optional[float]:
+    """RSS in MiB of *pid* alone, or None once it is gone."""
+    try:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
+        return None
+
+
 class MemorySampler:
     """Samples the tree's summed RSS and PSS every *interval* seconds, in a thread."""
 

@@ -73,7 +73,7 @@ def _row(name: str, runs: list[Run], workload: Any) -> Row:
     row["startup_s"] = _median(r.startup_s for r in runs)
     for key in COST_KEYS:
         row[key] = _median(r.costs.get(key) for r in runs)
-    for key in ("peak_rss_mib", "peak_pss_mib", "end_rss_mib", "end_pss_mib"):
+    for key in ("peak_rss_mib", "peak_pss_mib", "end_rss_mib", "end_pss_mib", "worker_rss_mib"):
         row[key] = _median(getattr(r, key) for r in runs)
     pss = [r.peak_pss_mib for r in runs if r.peak_pss_mib is not None]
     if pss:
@@ -112,6 +112,8 @@ def _add_ratios(rows: list[Row], workload: Any) -> None:
             row["x_floor"] = row["rate"] / floor
         if workload.kind == "memory" and row.get("peak_pss_mib") and prefork.get("peak_pss_mib"):
             row["x_prefork_pss"] = row["peak_pss_mib"] / prefork["peak_pss_mib"]
+        if workload.kind == "memory" and row.get("peak_pss_mib") and row.get("worker_rss_mib"):
+            row["x_one_copy"] = row["peak_pss_mib"] / row["worker_rss_mib"]
         if workload.kind == "leak" and row.get("end_pss_mib") and prefork.get("end_pss_mib"):
             row["x_prefork_pss"] = row["end_pss_mib"] / prefork["end_pss_mib"]
         if workload.kind == "latency" and row.get("p50_ms") and prefork.get("p50_ms"):
@@ -201,7 +203,12 @@ def print_tables(summary: Summary, args: argparse.Namespace) -> None:
                        ("peak RSS MiB", "peak_rss_mib", 13, 1),
                        ("end PSS MiB", "end_pss_mib", 12, 1),
                        ("x prefork PSS", "x_prefork_pss", 14, 2),
+                       ("worker RSS MiB", "worker_rss_mib", 15, 1),
+                       ("x one copy", "x_one_copy", 11, 2),
                        ("tasks/s", "rate", 9, 1), ("start-up s", "startup_s", 11, 2)])
+            print("x one copy: peak PSS over the worker's own RSS. Each page the worker maps "
+                  "counts once in the tree's PSS,\nso 1.00 is the floor for any pool whose "
+                  "worker holds the app.")
         elif workload.kind == "leak":
             _table(f"[{name}] each task leaks {args.leak_mb:g} MiB; the worker tree once "
                    "all ran", rows, [

@@ -75,6 +75,11 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     Contender("forkguard-standby", "celery", "forkserver", 2, "forkguard",
               env=(("FORKGUARD_STANDBY_CHILDREN", "2"),),
               describe="celery worker -P forkguard -c 2 with forkguard_standby_children = 2"),
+    # Where Python has immortal objects (3.12, 3.13) forkguard marks the worker's heap
+    # immortal before the first fork; this row shows what that is worth.
+    Contender("forkguard-mortal", "celery", "forkserver", 2, "forkguard",
+              env=(("FORKGUARD_IMMORTALIZE", "0"),),
+              describe="celery worker -P forkguard -c 2 with forkguard_immortalize = False"),
     Contender("fork-floor", "floor", "fork", 2, "forkguard", scale=0.5,
               describe="os.fork() + os._exit(0) + wait() in a loaded forkguard worker, "
                        "1 and 2 at a time"),
@@ -117,14 +122,18 @@ THROUGHPUT_CONTENDERS = ("forkguard", "forkguard-standby", "prefork", "prefork-m
                          "threads", "rq-worker", "rq-pool")
 OTHER_CONTENDERS = ("forkguard", "forkguard-standby", "prefork", "prefork-mtpc1", "solo",
                     "threads", "rq-worker", "rq-pool")
+#: forkguard-mortal differs from forkguard only where the heap can be made immortal.
+IMMORTAL_PYTHON = sys.version_info[:2] in ((3, 12), (3, 13))
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("trivial", "throughput", 800, tuple(CONTENDERS),
+    Workload("trivial", "throughput", 800,
+             tuple(c for c in CONTENDERS if IMMORTAL_PYTHON or c != "forkguard-mortal"),
              describe="count and return: the pools' own cost per task"),
     Workload("10ms", "throughput", 200, THROUGHPUT_CONTENDERS, sleep_ms=10,
              describe="sleep 10 ms, then count"),
     Workload("100ms", "throughput", 40, THROUGHPUT_CONTENDERS, min_tasks=12, sleep_ms=100,
              describe="sleep 100 ms, then count"),
-    Workload("memory", "memory", 300, OTHER_CONTENDERS, min_tasks=10,
+    Workload("memory", "memory", 300,
+             OTHER_CONTENDERS + (("forkguard-mortal",) if IMMORTAL_PYTHON else ()), min_tasks=10,
              describe="app preloading ~150 MiB of objects; each task reads 1% of them"),
     Workload("leak", "leak", 300, OTHER_CONTENDERS, min_tasks=10, scaled=False,
              describe="each task leaks 2 MiB into a module-level list"),
@@ -170,6 +179,9 @@ class Run:
     peak_pss_mib: Optional[float] = None
     end_rss_mib: Optional[float] = None
     end_pss_mib: Optional[float] = None
+    #: The worker's own RSS at the end: every page it maps counts once in the tree's
+    #: PSS, so no pool whose worker holds the app can show a smaller peak PSS.
+    worker_rss_mib: Optional[float] = None
     latencies_ms: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     log: str = ""
@@ -344,6 +356,7 @@ def run_batch(ctx: Context, workload: Workload, contender: Contender, round_no: 
             after = settle(proc.pid, contender.layout, state["before"])
         run.end_rss_mib, run.end_pss_mib = procs.tree_memory(proc.pid)
         if mem is not None:
+            run.worker_rss_mib = procs.own_rss(proc.pid)
             run.peak_rss_mib = max(mem.peak_rss, run.end_rss_mib)
             run.peak_pss_mib = max(mem.peak_pss, run.end_pss_mib)
     finally:

@@ -48,10 +48,8 @@ class ChildContext:
     """What every child is handed: fixed once per pool."""
 
     def __init__(self, hostname: str, parent_pid: int, term_child: bool = False,
-                 immortalize: bool = False, standby_children: int = 0) -> None:
+                 standby_children: int = 0) -> None:
         self.hostname = hostname
-        #: Whether the fork server makes its heap immortal (immortal.py).
-        self.immortalize = immortalize
         #: How many children the fork server keeps forked ahead (standby.py).
         self.standby_children = standby_children
         #: With term_child the worker decides when a task gets TERM: a TERM it

@@ -40,7 +40,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from celery_forkguard import fasthooks, immortal
+from celery_forkguard import fasthooks
 from celery_forkguard.fdpass import recv_with_fds
 from celery_forkguard.forking import fork_with_signals_blocked, reaped_children
 from celery_forkguard.standby import Standbys
@@ -60,11 +60,8 @@ def serve(ctx: ChildContext, sock: socket.socket, saved_mask: Any) -> NoReturn:
     from celery_forkguard.titles import set_title
 
     # Nothing here creates garbage worth collecting; a collection would copy pages.
+    # The heap came immortal (where Python allows) and frozen from the master.
     gc.disable()
-    if ctx.immortalize:
-        # The master froze its heap (gc.freeze): frozen objects are not listed.
-        gc.unfreeze()
-        immortal.immortalize_heap()
     gc.freeze()
     wake_r, wake_w = _quiet_signals()
     fasthooks.restore_signal_mask(saved_mask)

@@ -114,11 +114,11 @@ SETTINGS = (
         "copy-on-write faults off the worker's event loop.",
     ),
     Setting(
-        "forkguard_immortalize", False, parse_bool, ("FORKGUARD_IMMORTALIZE",),
-        "On CPython 3.12 and 3.13 (64-bit, with the GIL), make the fork server's "
-        "objects immortal (PEP 683) so that children stop copying its pages to "
-        "write reference counts, at the cost of a private copy of its heap; "
-        "elsewhere it does nothing.",
+        "forkguard_immortalize", True, parse_bool, ("FORKGUARD_IMMORTALIZE",),
+        "On CPython 3.12 and 3.13 (64-bit, with the GIL), make every object the "
+        "worker holds at pool start immortal (PEP 683) before the first fork, so "
+        "that children (and the fork server, and the worker itself) stop copying "
+        "shared pages just to write reference counts; elsewhere it does nothing.",
     ),
     Setting(
         "forkguard_standby_children", 0, parse_count, ("FORKGUARD_STANDBY_CHILDREN",),
@@ -189,7 +189,7 @@ class ForkguardSettings:
     memory_check_interval: float = 0.5
     fork_server: bool = True
     fork_server_timeout: float = 10.0
-    immortalize: bool = False
+    immortalize: bool = True
     warm_up: bool = True
     standby_children: int = 0
     retire_timeout: float = 300.0

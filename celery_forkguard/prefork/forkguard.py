@@ -67,9 +67,8 @@ class TaskPool(BasePool):
         self.soft_timeout = self.options.get("soft_timeout")
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
-        prepare_master(self.app, self.hostname, self.settings.warm_up)
+        prepare_master(self.app, self.hostname, self.settings.warm_up, self._immortalize())
         ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
-                           immortalize=self._immortalize(),
                            standby_children=self._standby_children())
         self._supervisor = Supervisor(
             partial(self._make_spawner, ctx), self.limit or 1, on_job_done=self._on_job_done,
@@ -81,12 +80,12 @@ class TaskPool(BasePool):
             self._driver = ThreadDriver(self._supervisor)
 
     def _immortalize(self) -> bool:
-        """Whether the fork server makes its heap immortal (see immortal.py)."""
-        if not (self.settings.immortalize and self.settings.fork_server):
+        """Whether the worker makes its heap immortal before the first fork (immortal.py)."""
+        if not self.settings.immortalize:
             return False
         reason = immortal.unsupported_reason()
         if reason is not None:
-            logger.debug("forkguard: fork server heap stays mortal: %s", reason)
+            logger.debug("forkguard: the heap children fork from stays mortal: %s", reason)
             return False
         return True
 
@@ -323,14 +322,17 @@ class TaskPool(BasePool):
         return info
 
 
-def prepare_master(app: Any, hostname: str, warm_up: bool = True) -> None:
+def prepare_master(app: Any, hostname: str, warm_up: bool = True,
+                   immortalize: bool = False) -> None:
     """Do once, in the master, what prefork does in every child.
 
     Tracers are built here so each child inherits them instead of building
     them per task, and (*warm_up*) run once with the C library's resolver,
-    so children share that code warm (warmup.py); the heap is frozen so the
-    master's collector leaves the preloaded app's pages alone; the intents
-    page is mapped before any fork.
+    so children share that code warm (warmup.py); the heap is made immortal
+    (*immortalize*, immortal.py) so that neither the children nor the fork
+    server nor the master itself write reference counts into the pages they
+    share, and frozen so the master's collector leaves them alone; the
+    intents page is mapped before any fork.
     """
     from celery.app.trace import build_tracer
 
@@ -347,4 +349,8 @@ def prepare_master(app: Any, hostname: str, warm_up: bool = True) -> None:
         "ignore", message=r".*use of fork\(\) may lead to deadlocks.*", category=DeprecationWarning,
     )
     gc.collect()
+    if immortalize:
+        gc.unfreeze()  # frozen objects are not listed, and would stay mortal
+        marked = immortal.immortalize_heap()
+        logger.debug("forkguard: %d objects made immortal before the first fork", marked)
     gc.freeze()

@@ -339,8 +339,8 @@ def probe_child(self: Task) -> dict[str, Any]:
         "pgrp": os.getpgrp(),
         "init_pid": INIT_PID,
         "random": random.random(),
-        # An object the app made at import: immortal when the fork server made its
-        # heap immortal (CPython 3.12/3.13), the same count as None's then.
+        # An object the app made at import: immortal when the worker made its heap
+        # immortal before the first fork (CPython 3.12/3.13), None's count then.
         "app_refcount": sys.getrefcount(app),
         "none_refcount": sys.getrefcount(None),
         "handlers": {

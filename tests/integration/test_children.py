@@ -31,8 +31,7 @@ pytestmark = pytest.mark.timeout(90)
 #: How the worker forks its children (forkguard_fork_server, forkguard_standby_children):
 #: every way must be clean.
 FORK_MODES = {
-    # With an immortal fork-server heap where Python has one (3.12, 3.13).
-    "fork-server": {"FORKGUARD_FORK_SERVER": "1", "FORKGUARD_IMMORTALIZE": "1"},
+    "fork-server": {"FORKGUARD_FORK_SERVER": "1"},
     "in-worker": {"FORKGUARD_FORK_SERVER": "0"},
     # Children forked ahead of their task and handed it when it comes (standby.py).
     "standby": {"FORKGUARD_FORK_SERVER": "1", "FORKGUARD_STANDBY_CHILDREN": "2"},
@@ -284,12 +283,17 @@ def test_inspect_stats_measures_children_and_counts_kills_by_reason(
     assert kills["oom"] == before["kills"]["oom"]
 
 
-def test_children_fork_from_an_immortal_heap_where_python_allows(
-    worker: Worker, fork_mode: str,
-) -> None:
+def test_children_fork_from_an_immortal_heap_where_python_allows(worker: Worker) -> None:
     from celery_forkguard.immortal import unsupported_reason
 
     report = probe(worker)
     immortal = report["app_refcount"] == report["none_refcount"]
-    # Only the fork server's heap is made immortal, and only where the rule is known.
-    assert immortal == (fork_mode == "fork-server" and unsupported_reason() is None), report
+    # The worker marks its heap before the first fork, whoever forks the children,
+    # and only where the rule is known (CPython 3.12 and 3.13).
+    assert immortal == (unsupported_reason() is None), report
+
+
+def test_the_heap_stays_mortal_when_told_to(start_worker: WorkerFactory) -> None:
+    worker = start_worker(env={"FORKGUARD_IMMORTALIZE": "0"}, concurrency=1)
+    report = probe(worker)
+    assert report["app_refcount"] < report["none_refcount"], report
