@@ -80,6 +80,10 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in (
     Contender("forkguard-mortal", "celery", "forkserver", 2, "forkguard",
               env=(("FORKGUARD_IMMORTALIZE", "0"),),
               describe="celery worker -P forkguard -c 2 with forkguard_immortalize = False"),
+    # What huge pages before the first fork are worth (Linux 6.1+); asked for by name.
+    Contender("forkguard-4k", "celery", "forkserver", 2, "forkguard",
+              env=(("FORKGUARD_HUGE_PAGES", "0"),),
+              describe="celery worker -P forkguard -c 2 with forkguard_huge_pages = False"),
     Contender("fork-floor", "floor", "fork", 2, "forkguard", scale=0.5,
               describe="os.fork() + os._exit(0) + wait() in a loaded forkguard worker, "
                        "1 and 2 at a time"),
@@ -124,9 +128,10 @@ OTHER_CONTENDERS = ("forkguard", "forkguard-standby", "prefork", "prefork-mtpc1"
                     "threads", "rq-worker", "rq-pool")
 #: forkguard-mortal differs from forkguard only where the heap can be made immortal.
 IMMORTAL_PYTHON = sys.version_info[:2] in ((3, 12), (3, 13))
+#: Run only when named (--contenders).
+ON_REQUEST = ("forkguard-4k",) + (() if IMMORTAL_PYTHON else ("forkguard-mortal",))
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("trivial", "throughput", 800,
-             tuple(c for c in CONTENDERS if IMMORTAL_PYTHON or c != "forkguard-mortal"),
+    Workload("trivial", "throughput", 800, tuple(c for c in CONTENDERS if c not in ON_REQUEST),
              describe="count and return: the pools' own cost per task"),
     Workload("10ms", "throughput", 200, THROUGHPUT_CONTENDERS, sleep_ms=10,
              describe="sleep 10 ms, then count"),

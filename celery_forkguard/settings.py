@@ -121,6 +121,13 @@ SETTINGS = (
         "shared pages just to write reference counts; elsewhere it does nothing.",
     ),
     Setting(
+        "forkguard_huge_pages", True, parse_bool, ("FORKGUARD_HUGE_PAGES",),
+        "On Linux 6.1+ with transparent huge pages not off, back each aligned "
+        "2 MiB of the worker's anonymous memory that is almost all resident with "
+        "one huge page before the first fork (MADV_COLLAPSE), so that every "
+        "fork copies fewer page-table entries; elsewhere it does nothing.",
+    ),
+    Setting(
         "forkguard_standby_children", 0, parse_count, ("FORKGUARD_STANDBY_CHILDREN",),
         "How many children the fork server keeps forked and set up ahead of their "
         "task (worker_process_init run), so that a task starts without waiting "
@@ -190,6 +197,7 @@ class ForkguardSettings:
     fork_server: bool = True
     fork_server_timeout: float = 10.0
     immortalize: bool = True
+    huge_pages: bool = True
     warm_up: bool = True
     standby_children: int = 0
     retire_timeout: float = 300.0

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 
-from celery_forkguard import immortal, intents, prometheus, stopping, warmup
+from celery_forkguard import hugepages, immortal, intents, prometheus, stopping, warmup
 from celery_forkguard.child import ChildContext, child_main
 from celery_forkguard.drivers import HubDriver, ThreadDriver
 from celery_forkguard.forking import Forker
@@ -67,7 +67,8 @@ class TaskPool(BasePool):
         self.soft_timeout = self.options.get("soft_timeout")
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
-        prepare_master(self.app, self.hostname, self.settings.warm_up, self._immortalize())
+        prepare_master(self.app, self.hostname, self.settings.warm_up, self._immortalize(),
+                       self._huge_pages())
         ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
                            standby_children=self._standby_children())
         self._supervisor = Supervisor(
@@ -86,6 +87,16 @@ class TaskPool(BasePool):
         reason = immortal.unsupported_reason()
         if reason is not None:
             logger.debug("forkguard: the heap children fork from stays mortal: %s", reason)
+            return False
+        return True
+
+    def _huge_pages(self) -> bool:
+        """Whether the worker collapses its heap into huge pages (see hugepages.py)."""
+        if not self.settings.huge_pages:
+            return False
+        reason = hugepages.unsupported_reason()
+        if reason is not None:
+            logger.debug("forkguard: no huge pages: %s", reason)
             return False
         return True
 
@@ -323,7 +334,7 @@ class TaskPool(BasePool):
 
 
 def prepare_master(app: Any, hostname: str, warm_up: bool = True,
-                   immortalize: bool = False) -> None:
+                   immortalize: bool = False, huge_pages: bool = False) -> None:
     """Do once, in the master, what prefork does in every child.
 
     Tracers are built here so each child inherits them instead of building
@@ -331,8 +342,10 @@ def prepare_master(app: Any, hostname: str, warm_up: bool = True,
     so children share that code warm (warmup.py); the heap is made immortal
     (*immortalize*, immortal.py) so that neither the children nor the fork
     server nor the master itself write reference counts into the pages they
-    share, and frozen so the master's collector leaves them alone; the
-    intents page is mapped before any fork.
+    share, and frozen so the master's collector leaves them alone, then
+    (*huge_pages*) backed by huge pages where it is dense, so forks copy
+    fewer page-table entries (hugepages.py); the intents page is mapped
+    before any fork.
     """
     from celery.app.trace import build_tracer
 
@@ -354,3 +367,7 @@ def prepare_master(app: Any, hostname: str, warm_up: bool = True,
         marked = immortal.immortalize_heap()
         logger.debug("forkguard: %d objects made immortal before the first fork", marked)
     gc.freeze()
+    if huge_pages:
+        done = hugepages.collapse_heap()
+        logger.debug("forkguard: %d MiB collapsed into huge pages (%d stretches sparse, "
+                     "%d refused)", done.collapsed >> 20, done.sparse, done.refused)

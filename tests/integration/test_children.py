@@ -293,6 +293,35 @@ def test_children_fork_from_an_immortal_heap_where_python_allows(worker: Worker)
     assert immortal == (unsupported_reason() is None), report
 
 
+def _kernel_has_madv_collapse() -> bool:
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 1)
+
+
+def _anon_huge_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_the_fork_server_forks_from_huge_pages_where_the_kernel_allows(
+    start_worker: WorkerFactory,
+) -> None:
+    from celery_forkguard.hugepages import unsupported_reason
+
+    reason = unsupported_reason()
+    if reason is not None or not _kernel_has_madv_collapse():
+        pytest.skip(reason or "the kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    worker = start_worker(env={"FORKGUARD_FORK_SERVER": "1"}, concurrency=1)
+    # The worker collapsed its dense heap right before it forked the fork server,
+    # which maps those huge pages still (hugepages.py).
+    servers = [pid for pid in worker.session_pids()
+               if b"fork server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    assert _anon_huge_kib(servers[0]) >= 2048
+
+
 def test_the_heap_stays_mortal_when_told_to(start_worker: WorkerFactory) -> None:
     worker = start_worker(env={"FORKGUARD_IMMORTALIZE": "0"}, concurrency=1)
     report = probe(worker)

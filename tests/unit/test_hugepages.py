@@ -1,0 +1,83 @@
+"""hugepages.py: collapsing the worker's dense anonymous memory into huge pages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from celery_forkguard import hugepages
+
+pytestmark = pytest.mark.timeout(60)
+
+SCRIPT = r"""
+import ctypes, json, mmap, os
+from celery_forkguard import hugepages
+
+MiB = 1 << 20
+
+def anon_huge_kib():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+
+def resident_pages(buffer):
+    # Pages of *buffer* in memory, by mincore(2).
+    libc = hugepages._libc()
+    pages = len(buffer) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.addressof(ctypes.c_char.from_buffer(buffer)), len(buffer), vec) == 0
+    return sum(byte & 1 for byte in vec)
+
+dense = mmap.mmap(-1, 16 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+dense.write(b"x" * (16 * MiB))  # every page resident
+sparse = mmap.mmap(-1, 16 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+sparse[0] = 1  # one page resident
+before = anon_huge_kib()
+sparse_before = resident_pages(sparse)
+done = hugepages.collapse_heap()
+pid = os.fork()
+if pid == 0:
+    dense[0:5] = b"child"  # a write after the fork copies, the parent keeps its bytes
+    os._exit(0)
+os.waitpid(pid, 0)
+print(json.dumps({
+    "collapsed": done.collapsed, "refused": done.refused,
+    "huge_kib_before": before, "huge_kib_after": anon_huge_kib(),
+    "sparse_before": sparse_before, "sparse_after": resident_pages(sparse),
+    "dense_intact": dense[0:5] == b"xxxxx",
+}))
+"""
+
+
+def test_unsupported_reason_reads_the_kernels_switch(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hugepages, "THP", tmp_path)
+    assert hugepages.unsupported_reason() == "the kernel has no transparent huge pages"
+    (tmp_path / "enabled").write_text("always madvise [never]\n")
+    assert "off ([never])" in str(hugepages.unsupported_reason())
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    assert hugepages.unsupported_reason() is None
+    assert hugepages.huge_page_size() == 2 << 20  # no hpage_pmd_size: x86-64's
+    (tmp_path / "hpage_pmd_size").write_text("524288\n")
+    assert hugepages.huge_page_size() == 524288
+
+
+@pytest.mark.skipif(hugepages.unsupported_reason() is not None,
+                    reason=str(hugepages.unsupported_reason()))
+def test_dense_memory_is_collapsed_and_sparse_memory_left_alone() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=50, check=False)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    if got["collapsed"] == 0 and got["refused"] == 0:
+        pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    # At least 7 of the dense region's 8 aligned 2 MiB stretches are huge pages now.
+    assert got["collapsed"] >= 14 << 20, got
+    assert got["huge_kib_after"] - got["huge_kib_before"] >= 14 << 10, got
+    # The sparse region was not filled in (a stretch it shares with the dense one may be).
+    assert got["sparse_before"] >= 1 and got["sparse_after"] <= 2 * 512, got
+    assert got["dense_intact"], got
