@@ -128,6 +128,10 @@ evidence = Evidence(
     "fgit",
 )
 
+#: Data an app loads at import and only reads (FORKGUARD_IT_PRELOAD_MB of it): what
+#: the worker collapses into huge pages before the first fork (hugepages.py).
+PRELOAD = b"\x01" * (int(os.environ.get("FORKGUARD_IT_PRELOAD_MB", "0")) << 20)
+
 #: Module state a task mutates: a fresh fork must always see it pristine.
 STATE: dict[str, int] = {"calls": 0}
 #: Set by worker_process_init to the pid of the process it ran in.
