@@ -69,9 +69,9 @@ def huge_page_size() -> int:
 def collapse_heap() -> Collapsed:
     """Collapse every aligned, mostly resident stretch of anonymous memory.
 
-    Stops at the first stretch the kernel does not know how to collapse
-    (``EINVAL``: a kernel before 6.1); other refusals (no huge page free)
-    skip that stretch.
+    A mapping the kernel will not collapse (``EINVAL``: a kernel before 6.1,
+    or a mapping that opted out) is left at its first stretch; other
+    refusals (no huge page free) skip that stretch only.
     """
     libc = _libc()
     size = huge_page_size()
@@ -85,9 +85,9 @@ def collapse_heap() -> Collapsed:
             if libc.madvise(chunk, size, MADV_COLLAPSE) == 0:
                 done.collapsed += size
                 continue
-            if ctypes.get_errno() == errno.EINVAL:
-                return done
             done.refused += 1
+            if ctypes.get_errno() == errno.EINVAL:
+                break
     return done
 
 

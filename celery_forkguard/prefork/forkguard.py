@@ -368,6 +368,15 @@ def prepare_master(app: Any, hostname: str, warm_up: bool = True,
         logger.debug("forkguard: %d objects made immortal before the first fork", marked)
     gc.freeze()
     if huge_pages:
+        _collapse_into_huge_pages()
+
+
+def _collapse_into_huge_pages() -> None:
+    """hugepages.collapse_heap, which only ever costs the speed-up if it fails."""
+    try:
         done = hugepages.collapse_heap()
-        logger.debug("forkguard: %d MiB collapsed into huge pages (%d stretches sparse, "
-                     "%d refused)", done.collapsed >> 20, done.sparse, done.refused)
+    except Exception as exc:  # an odd /proc or C library: fork as before
+        logger.warning("forkguard: huge pages skipped: %r", exc)
+        return
+    logger.debug("forkguard: %d MiB collapsed into huge pages (%d stretches sparse, "
+                 "%d refused)", done.collapsed >> 20, done.sparse, done.refused)

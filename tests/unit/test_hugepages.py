@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +85,52 @@ def test_dense_memory_is_collapsed_and_sparse_memory_left_alone() -> None:
     # The sparse region was not filled in (a stretch it shares with the dense one may be).
     assert got["sparse_before"] >= 1 and got["sparse_after"] <= 2 * 512, got
     assert got["dense_intact"], got
+
+
+class FakeLibc:
+    """mincore says every page is resident; madvise fails with *error*."""
+
+    def __init__(self, error: int) -> None:
+        self.error = error
+        self.collapses = 0
+
+    def mincore(self, addr: int, length: int, vec: Any) -> int:
+        for i in range(len(vec)):
+            vec[i] = 1
+        return 0
+
+    def madvise(self, addr: int, length: int, advice: int) -> int:
+        self.collapses += 1
+        ctypes.set_errno(self.error)
+        return -1
+
+
+@pytest.mark.parametrize(("error", "tried"), [(errno.EINVAL, 2), (errno.EAGAIN, 6)])
+def test_a_refused_mapping_is_left_at_its_first_stretch(
+    monkeypatch: pytest.MonkeyPatch, error: int, tried: int,
+) -> None:
+    size = 2 << 20
+    libc = FakeLibc(error)
+    monkeypatch.setattr(hugepages, "_libc", lambda: libc)
+    monkeypatch.setattr(hugepages, "huge_page_size", lambda: size)
+    # Two mappings of three aligned stretches each.
+    monkeypatch.setattr(hugepages, "_anonymous_regions",
+                        lambda: iter([(size, 4 * size), (10 * size, 13 * size)]))
+    done = hugepages.collapse_heap()
+    # EINVAL: this mapping (or this kernel) takes none, try the next mapping.
+    # Anything else (no huge page free now): try the next stretch.
+    assert (libc.collapses, done.refused, done.collapsed) == (tried, tried, 0)
+
+
+def test_the_pool_forks_as_before_when_collapsing_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from celery_forkguard.prefork import forkguard
+
+    def broken() -> None:
+        raise OSError(errno.EACCES, "Permission denied", "/proc/self/maps")
+
+    monkeypatch.setattr(hugepages, "collapse_heap", broken)
+    with caplog.at_level(logging.WARNING):
+        forkguard._collapse_into_huge_pages()
+    assert "huge pages skipped" in caplog.text
