@@ -9,7 +9,7 @@ import gc
 import os
 import warnings
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
@@ -67,8 +67,14 @@ class TaskPool(BasePool):
         self.soft_timeout = self.options.get("soft_timeout")
         self.timeout = self.options.get("timeout")
         self._semaphore = self.options.get("semaphore")
-        prepare_master(self.app, self.hostname, self.settings.warm_up, self._immortalize(),
-                       self._huge_pages())
+        prepare_master(
+            self.app, self.hostname, self.settings.warm_up,
+            immortalize=_wanted_and_supported(
+                self.settings.immortalize, immortal.unsupported_reason,
+                "the heap children fork from stays mortal"),
+            huge_pages=_wanted_and_supported(
+                self.settings.huge_pages, hugepages.unsupported_reason, "no huge pages"),
+        )
         ctx = ChildContext(self.hostname, os.getpid(), self.settings.term_child,
                            standby_children=self._standby_children())
         self._supervisor = Supervisor(
@@ -79,26 +85,6 @@ class TaskPool(BasePool):
         self._supervisor.memory_check_interval = self.settings.memory_check_interval
         if self.options.get("threads", True):
             self._driver = ThreadDriver(self._supervisor)
-
-    def _immortalize(self) -> bool:
-        """Whether the worker makes its heap immortal before the first fork (immortal.py)."""
-        if not self.settings.immortalize:
-            return False
-        reason = immortal.unsupported_reason()
-        if reason is not None:
-            logger.debug("forkguard: the heap children fork from stays mortal: %s", reason)
-            return False
-        return True
-
-    def _huge_pages(self) -> bool:
-        """Whether the worker collapses its heap into huge pages (see hugepages.py)."""
-        if not self.settings.huge_pages:
-            return False
-        reason = hugepages.unsupported_reason()
-        if reason is not None:
-            logger.debug("forkguard: no huge pages: %s", reason)
-            return False
-        return True
 
     def _standby_children(self) -> int:
         """How many children the fork server keeps ready (see standby.py)."""
@@ -331,6 +317,18 @@ class TaskPool(BasePool):
             "forkguard": supervisor.metrics.as_dict() if supervisor else {},
         })
         return info
+
+
+def _wanted_and_supported(wanted: bool, unsupported_reason: Callable[[], Optional[str]],
+                          if_not: str) -> bool:
+    """Whether a setting that is on also applies here (immortal.py, hugepages.py)."""
+    if not wanted:
+        return False
+    reason = unsupported_reason()
+    if reason is not None:
+        logger.debug("forkguard: %s: %s", if_not, reason)
+        return False
+    return True
 
 
 def prepare_master(app: Any, hostname: str, warm_up: bool = True,
