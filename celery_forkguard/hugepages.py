@@ -26,6 +26,8 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +52,10 @@ def unsupported_reason() -> Optional[str]:
     """Why this system cannot take it, or None when it can."""
     if not sys.platform.startswith("linux"):
         return f"{sys.platform} has no transparent huge pages"
+    release = os.uname().release
+    version = re.match(r"(\d+)\.(\d+)", release)
+    if version and (int(version[1]), int(version[2])) < (6, 1):
+        return f"Linux {release} has no MADV_COLLAPSE (6.1+)"
     try:
         enabled = (THP / "enabled").read_text()
     except OSError:
