@@ -82,16 +82,29 @@ def test_child_leads_its_own_process_group(worker: Worker) -> None:
     assert os.getpgid(worker.pid) != report["pgrp"]
 
 
-def test_child_holds_no_inherited_sockets(worker: Worker) -> None:
-    fds = probe(worker)["fds"]
+def assert_holds_only_its_report_pipe(fds: list[dict[str, Any]]) -> None:
     assert [fd for fd in fds if fd["kind"] == "socket"] == []
     # Nor the worker's event loop, nor the report pipes of its siblings:
     # the one pipe left is the child's own report pipe.
     assert [fd for fd in fds if fd["target"].startswith("anon_inode:")] == []
     assert len([fd for fd in fds if fd["kind"] == "pipe"]) == 1, fds
+
+
+def test_child_holds_no_inherited_sockets(worker: Worker) -> None:
+    assert_holds_only_its_report_pipe(probe(worker)["fds"])
     if worker.broker.fs_dir is None:
         # The worker does hold sockets (its broker connection): they were detached.
         assert any(t.startswith("socket:") for t in _fd_targets(worker.pid).values())
+
+
+def test_children_forked_in_a_burst_hold_no_pipe_of_a_sibling(worker: Worker) -> None:
+    # Requests that reach the fork server together: the child forked for one
+    # must not keep the report pipe that came with the next.
+    results = [worker.send("probe_child") for _ in range(12)]
+    for result in results:
+        state, report = outcome(result)
+        assert state == "SUCCESS", report
+        assert_holds_only_its_report_pipe(report["fds"])
 
 
 def test_children_do_not_share_random_state(worker: Worker) -> None:
