@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 
 from tests.integration.evidence import EVIDENCE_TTL, Evidence
 
@@ -89,6 +89,17 @@ evidence = RunEvidence(
 
 def _begin(task: Task) -> None:
     evidence.started(str(task.request.id))
+
+
+@signals.task_received.connect
+def _note_delivery_tag(request: Any, **_: Any) -> None:
+    """In the worker: the delivery tag of each message, for the log's "Couldn't ack 'TAG'".
+
+    The task itself never sees its tag (Celery leaves it out of the request).
+    """
+    tag = getattr(request.message, "delivery_tag", None)
+    if tag is not None:
+        evidence.record(str(request.id), delivery_tag=str(tag))
 
 
 # -- the stream: short tasks, early ack and late ack --------------------------------------
