@@ -141,7 +141,8 @@ class Case:
         delivers it again: early ack is at most once only if the ack arrives.
         A task the pool started after the connection was lost (a job it should
         have dropped) fails its ack after that, so it does not count.
-        The worker notes each message's delivery tag (``chaos_app``).
+        The worker notes delivery tags when started with FORKGUARD_CHAOS_NOTE_TAGS
+        (``chaos_app``).
         """
         logs = [worker.log() for worker in self.workers]
         tags = {i: self.evidence.fields(i).get("delivery_tag") for i in ids}

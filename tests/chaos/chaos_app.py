@@ -11,6 +11,9 @@ what differs between cases comes from the environment:
     ``task_default_queue``: every case consumes a queue of its own.
 ``FORKGUARD_CHAOS_PREFIX``
     prefix of the evidence keys, unique per case run (see below).
+``FORKGUARD_CHAOS_NOTE_TAGS``
+    when set, the worker notes each message's delivery tag as it receives it
+    (one more Redis round trip in its loop, so only the cases that need it).
 
 Evidence: as its body starts, every task increments the field ``runs`` of
 the hash ``<prefix>:<task id>`` and writes its ``pid`` there, in one round
@@ -91,7 +94,6 @@ def _begin(task: Task) -> None:
     evidence.started(str(task.request.id))
 
 
-@signals.task_received.connect
 def _note_delivery_tag(request: Any, **_: Any) -> None:
     """In the worker: the delivery tag of each message, for the log's "Couldn't ack 'TAG'".
 
@@ -100,6 +102,10 @@ def _note_delivery_tag(request: Any, **_: Any) -> None:
     tag = getattr(request.message, "delivery_tag", None)
     if tag is not None:
         evidence.record(str(request.id), delivery_tag=str(tag))
+
+
+if os.environ.get("FORKGUARD_CHAOS_NOTE_TAGS"):
+    signals.task_received.connect(_note_delivery_tag, weak=False)
 
 
 # -- the stream: short tasks, early ack and late ack --------------------------------------
