@@ -2,23 +2,23 @@
 
 On transports with an event loop (Redis, RabbitMQ) the worker's kombu hub
 watches the supervisor's selector as one fd and its nearest deadline as one
-timer, and every callback runs in the worker's main thread.  On transports
-without one (the filesystem transport, SQS, ...) Celery's consumer blocks in
-the main thread, so a thread of ours runs the supervisor, as billiard's
-result-handler thread does for prefork.
+timer, and every callback runs in the thread that runs the hub (the worker's
+main thread under ``celery worker``).  On transports without one (the
+filesystem transport, SQS, ...) Celery's consumer blocks in that thread, so a
+thread of ours runs the supervisor, as billiard's result-handler thread does
+for prefork.  Either way a call from any other thread goes through the
+driver's inbox (inbox.py) and runs in the supervisor's thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import selectors
 import threading
-from collections import deque
 from typing import Any, Callable
 
 from celery.utils.log import get_logger
 
+from celery_forkguard.inbox import Inbox
 from celery_forkguard.jobs import Job
 from celery_forkguard.supervisor import Supervisor
 
@@ -31,11 +31,13 @@ CALL_SYNC_TIMEOUT = 30.0
 
 
 class HubDriver:
-    """Runs the supervisor from kombu's hub, in the worker's main thread."""
+    """Runs the supervisor from kombu's hub, in the thread that runs the hub."""
 
     def __init__(self, supervisor: Supervisor, hub: Any) -> None:
         self.supervisor = supervisor
         self.hub = hub
+        #: Made here, in the hub's thread (Celery registers the pool from it).
+        self.inbox = Inbox(supervisor.selector)
         self._timer: Any = None
         self._armed_for: float | None = None
         #: How many calls into the supervisor are on the stack: more than none
@@ -47,7 +49,19 @@ class HubDriver:
         self.call_sync(self.supervisor.submit, job)
 
     def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
-        """Run *fun* now (this is the supervisor's thread) and return what it returns."""
+        """Run *fun* in the hub's thread and return what it returns.
+
+        From another thread the call waits until the hub's thread has run
+        it: a caller that reloads the worker expects the next task to fork
+        from the reloaded copy.
+        """
+        if not self.inbox.in_owner_thread():
+            return self.inbox.call_and_wait(self._run, fun, *args, timeout=CALL_SYNC_TIMEOUT)
+        return self._run(fun, *args)
+
+    call = call_sync
+
+    def _run(self, fun: Callable[..., Any], *args: Any) -> Any:
         self._depth += 1
         try:
             return fun(*args)
@@ -55,10 +69,9 @@ class HubDriver:
             self._depth -= 1
             self._arm()
 
-    call = call_sync
-
     def _on_ready(self) -> None:
-        self.call_sync(self.supervisor.poll, 0)
+        self._run(self.supervisor.poll, 0)
+        self.inbox.run_posted()
 
     def _arm(self) -> None:
         """Keep one hub timer set for the supervisor's nearest deadline."""
@@ -91,12 +104,16 @@ class HubDriver:
             return False
         with contextlib.suppress(Exception):
             self.hub.remove_reader(self.supervisor.fileno())
-        while self.supervisor.busy():
+        while self.supervisor.busy() or self.inbox.has_posted():
             timeout = self.supervisor.next_timeout()
             self.supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
+            self.inbox.run_posted()
             self._service_hub()
         self._service_hub()
         return True
+
+    def close(self) -> None:
+        self.inbox.close()
 
     def _service_hub(self) -> None:
         try:
@@ -135,22 +152,18 @@ def _is_message_settlement(callback: Any) -> bool:
 class ThreadDriver:
     """Runs the supervisor in a thread, for transports without an event loop.
 
-    Calls from other threads are queued and handed over through a wake-up
-    pipe, so the supervisor itself is only ever touched by this thread.
-    ``submit(block=True)`` waits for a free slot, as prefork's putlocks do.
+    Calls from other threads are posted to its inbox, so the supervisor
+    itself is only ever touched by this thread.  ``submit(block=True)``
+    waits for a free slot, as prefork's putlocks do.
     """
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self._inbox: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._slots = threading.Condition()
         self._inflight = 0
         self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        supervisor.selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
         self._thread = threading.Thread(target=self._run, name="forkguard-supervisor", daemon=True)
+        self.inbox = Inbox(supervisor.selector)
         self._thread.start()
 
     def submit(self, job: Job, block: bool = True) -> None:
@@ -170,53 +183,19 @@ class ThreadDriver:
             self._slots.notify_all()
 
     def call(self, fun: Callable[..., Any], *args: Any) -> None:
-        self._inbox.append((fun, args))
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # already awake
-            os.write(self._wake_w, b"x")
+        self.inbox.post(fun, *args)
 
     def call_sync(self, fun: Callable[..., Any], *args: Any) -> Any:
         """Run *fun* in the supervisor's thread and return what it returns."""
         if threading.current_thread() is self._thread:
             return fun(*args)
-        done = threading.Event()
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append((True, fun(*args)))
-            except BaseException as exc:
-                box.append((False, exc))
-            finally:
-                done.set()
-
-        self.call(run)
-        if not done.wait(CALL_SYNC_TIMEOUT):
-            raise TimeoutError(f"forkguard: the supervisor thread did not run {fun!r}")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-    def _on_wake(self, _: Any, mask: int = 0) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        return self.inbox.call_and_wait(fun, *args, timeout=CALL_SYNC_TIMEOUT)
 
     def _run(self) -> None:
         supervisor = self.supervisor
         while True:
-            while self._inbox:
-                fun, args = self._inbox.popleft()
-                try:
-                    fun(*args)
-                except Exception:
-                    logger.exception("forkguard: supervisor call %r failed", fun)
-            if self._stopping and not supervisor.busy() and not self._inbox:
+            self.inbox.run_posted()
+            if self._stopping and not supervisor.busy() and not self.inbox.has_posted():
                 break
             timeout = supervisor.next_timeout()
             supervisor.poll(DRAIN_TICK if timeout is None else min(timeout, DRAIN_TICK))
@@ -226,8 +205,9 @@ class ThreadDriver:
         with self._slots:
             self._stopping = True
             self._slots.notify_all()
-        self._wake()
+        self.inbox.wake()
         self._thread.join()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
         return True
+
+    def close(self) -> None:
+        self.inbox.close()

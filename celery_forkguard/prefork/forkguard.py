@@ -135,6 +135,8 @@ class TaskPool(BasePool):
         pass
 
     def _close(self) -> None:
+        if self._driver is not None:
+            self._driver.close()
         if self._supervisor is not None:
             self._supervisor.close()
         self._supervisor = None

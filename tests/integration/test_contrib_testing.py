@@ -47,5 +47,5 @@ def test_celery_worker_fixture_runs_the_pool() -> None:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "2 passed" in output, output
+    assert "3 passed" in output, output
     assert "Unrecoverable error" not in output, output

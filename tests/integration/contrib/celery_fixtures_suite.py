@@ -7,6 +7,7 @@ pool as a user would, and Celery must find it by that name alone.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -52,3 +53,21 @@ def test_a_failure_comes_back(celery_app: Any, celery_worker: Any) -> None:
     celery_worker.reload()
     with pytest.raises(ValueError, match="boom"):
         boom.delay().get(timeout=30)
+
+
+def test_reloads_from_the_test_thread_while_tasks_run(celery_app: Any, celery_worker: Any) -> None:
+    # reload() runs in this thread while the worker's thread supervises
+    # children starting, reporting and exiting: the pool must take the call
+    # into its own thread, or both threads change its books at once.
+    @celery_app.task(name="contrib.nap")
+    def nap(number: int) -> int:
+        time.sleep(0.005)
+        return number
+
+    celery_worker.reload()
+    for round_ in range(10):
+        numbers = range(round_ * 20, round_ * 20 + 20)
+        results = [nap.delay(number) for number in numbers]
+        while not all(result.ready() for result in results):
+            celery_worker.reload()
+        assert [result.get(timeout=30) for result in results] == list(numbers)
