@@ -36,7 +36,8 @@ class HubDriver:
     def __init__(self, supervisor: Supervisor, hub: Any) -> None:
         self.supervisor = supervisor
         self.hub = hub
-        #: Made here, in the hub's thread (Celery registers the pool from it).
+        #: Celery registers the pool from the thread that runs the hub.
+        self._thread = threading.get_ident()
         self.inbox = Inbox(supervisor.selector)
         self._timer: Any = None
         self._armed_for: float | None = None
@@ -55,7 +56,7 @@ class HubDriver:
         it: a caller that reloads the worker expects the next task to fork
         from the reloaded copy.
         """
-        if not self.inbox.in_owner_thread():
+        if threading.get_ident() != self._thread:
             return self.inbox.call_and_wait(self._run, fun, *args, timeout=CALL_SYNC_TIMEOUT)
         return self._run(fun, *args)
 

@@ -61,8 +61,6 @@ class Inbox:
     """Posted calls, run by the thread that owns the supervisor."""
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
-        #: The thread that made the inbox; HubDriver asks whether a caller is it.
-        self.owner = threading.get_ident()
         self._selector = selector
         self._calls: deque[_Call] = deque()
         self._lock = threading.Lock()
@@ -73,9 +71,6 @@ class Inbox:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
-
-    def in_owner_thread(self) -> bool:
-        return threading.get_ident() == self.owner
 
     def post(self, fun: Callable[..., Any], *args: Any) -> None:
         """Have the owner run ``fun(*args)`` soon; a failure is logged there."""
